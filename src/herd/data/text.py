@@ -1,0 +1,100 @@
+"""TextDataModule: the embedded English corpus, or a user's JSONL manifest, packed into rows."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from herd.data.corpus import CORPORA, read_text_manifest, split_documents
+from herd.data.packing import PackedDataset
+from herd.data.tokenizer import load_tokenizer
+from herd.errors import ConfigError
+from herd.systems.losses import IGNORE_INDEX
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: str = "herd_bpe",
+        seq_len: int = 512,
+        batch_size: int = 8,
+        source: str = "python_docs",  # an embedded corpus (herd.data.corpus.CORPORA) or "manifest"
+        manifest: str | None = None,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        skip_bad_samples: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if source not in (*CORPORA, "manifest"):
+            raise ConfigError(f"data.source={source!r} is unknown; use one of {[*CORPORA, 'manifest']}.")
+        if source == "manifest" and not manifest:
+            raise ConfigError("data.source=manifest needs data.manifest=PATH to a JSONL file.")
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.datasets: dict[str, PackedDataset] = {}
+        self.documents: dict[str, list[list[int]]] = {}
+
+    def _texts(self) -> list[str]:
+        hp = self.hparams
+        if hp.source in CORPORA:
+            return CORPORA[hp.source]()
+        return read_text_manifest(hp.manifest, skip_bad=hp.skip_bad_samples)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        splits = split_documents(self._texts(), hp.val_fraction, hp.test_fraction)
+        for name, texts in splits.items():
+            self.documents[name] = [self.tokenizer.encode(t, bos=True, eos=True) for t in texts]
+            if self.documents[name]:
+                self.datasets[name] = PackedDataset(self.documents[name], hp.seq_len, self.tokenizer.pad_id)
+        for name in ("train", "val"):
+            if name not in self.datasets:
+                raise ConfigError(
+                    f"The {name} split is empty; give the corpus more documents or raise data.val_fraction."
+                )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.hparams.num_workers,
+            generator=generator if shuffle else None,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.datasets else "val", shuffle=False)
+
+    # -- references for the logs ------------------------------------------------------------
+
+    def unigram_loss(self, split: str = "val") -> float:
+        """Cross-entropy (nats/token) of `split` under an add-one unigram model of the train
+        labels: the floor a language model must beat to have learnt anything beyond counts."""
+        train = self.datasets["train"].rows["labels"]
+        counts = torch.bincount(train[train != IGNORE_INDEX], minlength=self.tokenizer.vocab_size).double()
+        log_probs = torch.log((counts + 1) / (counts.sum() + len(counts)))
+        target = self.datasets[split].rows["labels"]
+        target = target[target != IGNORE_INDEX]
+        return float(-log_probs[target].mean())
+
+    def sample_prompts(self, n: int, n_tokens: int = 16) -> list[list[int]]:
+        """The first `n_tokens` of the first `n` validation documents (for generated samples)."""
+        docs = self.documents.get("val") or self.documents["train"]
+        return [d[:n_tokens] for d in docs[:n]]
+
+
+__all__ = ["TextDataModule"]

@@ -1,0 +1,151 @@
+"""Tokenizers with Llama 3's special tokens.
+
+- `herd_bpe`: a 4096-token byte-level BPE trained with the `tokenizers` library on the
+  embedded English corpus and shipped in `herd/assets/tokenizers/` (regenerate with
+  `python -m herd.data.tokenizer`).
+- `bytes`: UTF-8 bytes plus the special tokens; needs no file.
+- a path to any Hugging Face `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from importlib.resources import files
+from pathlib import Path
+
+from herd.errors import ConfigError
+
+BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+PAD = "<|finetune_right_pad_id|>"
+# Llama 3's reserved tokens that herd's formats use, plus herd's speech placeholder.
+SPECIAL_TOKENS = [
+    BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", EOT, PAD, "<|image|>", "<|speech|>",
+]
+BUNDLED = {"herd_bpe": "python_docs_bpe_4k.json"}
+
+
+class Tokenizer:
+    """Common interface: ids are plain ints, special tokens are addressed by their text."""
+
+    vocab_size: int
+    special_ids: dict[str, int]
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special:
+            special = set(self.special_ids.values())
+            ids = [i for i in ids if i not in special]
+        return self._decode(ids)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids[BOS]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids[EOS]
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_ids[EOT]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids[PAD]
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes 0..255, then the special tokens."""
+
+    def __init__(self) -> None:
+        self.special_ids = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def _decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, run by the `tokenizers` library."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Tokenizer file {path} does not exist; use tokenizer=herd_bpe or bytes.")
+        try:
+            self._tok = RustTokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust error names no file
+            raise ConfigError(f"Tokenizer file {path} could not be read: {exc}") from exc
+        self.path = path
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        missing = [t for t in (BOS, EOS) if t not in vocab]
+        if missing:
+            raise ConfigError(f"Tokenizer {path} lacks the special token(s) {missing}.")
+        self.special_ids = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
+        if PAD not in self.special_ids:  # Llama 3 pads with a reserved token; fall back to eos
+            self.special_ids[PAD] = vocab[EOS]
+
+    def _encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """`herd_bpe`, `bytes`, or a path to a tokenizer.json."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec in BUNDLED:
+        return HFTokenizer(Path(str(files("herd.assets") / "tokenizers" / BUNDLED[spec])))
+    return HFTokenizer(spec)
+
+
+def train_bpe(texts, vocab_size: int):
+    """Train a byte-level BPE (GPT-2/Llama 3 style pre-tokenisation) with the special tokens."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def main() -> None:
+    from herd.data.corpus import python_docs_documents, split_documents
+
+    parser = argparse.ArgumentParser(description="Retrain the bundled BPE on the embedded corpus.")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--out", default=str(files("herd.assets") / "tokenizers" / BUNDLED["herd_bpe"]))
+    args = parser.parse_args()
+    train_docs = split_documents(python_docs_documents())["train"]  # never fit on val/test text
+    train_bpe(train_docs, args.vocab_size).save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from herd.systems.language import LanguageSystem
+
+__all__ = ["LanguageSystem"]

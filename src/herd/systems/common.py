@@ -1,0 +1,82 @@
+"""Training plumbing shared by the stage systems."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+import herd
+from herd.errors import ConfigError
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists, so hyper-parameters saved in checkpoints
+    load with torch.load(weights_only=True)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def decay_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms, gains and biases are not decayed."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimization(module, optimizer_cfg: dict, scheduler_cfg: dict | None) -> dict:
+    """Instantiate a `_partial_` optimizer over `module`'s trainable parameters and an optional
+    `_partial_` per-step scheduler that receives the run's total step count."""
+    optimizer_cfg = dict(optimizer_cfg)
+    weight_decay = optimizer_cfg.pop("weight_decay", 0.0)
+    optimizer = hydra.utils.instantiate(optimizer_cfg)(decay_param_groups(module, weight_decay))
+    if not scheduler_cfg:
+        return {"optimizer": optimizer}
+    total_steps = int(module.trainer.estimated_stepping_batches)
+    scheduler = hydra.utils.instantiate(scheduler_cfg)(optimizer, total_steps=total_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+
+
+class HerdSystem(L.LightningModule):
+    """Base of the stage systems: checkpoints record which system wrote them, so
+    `load_system` (and herd-eval) can reopen any of them from the path alone."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        cls = type(self)
+        checkpoint["herd"] = {"version": herd.__version__, "system": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def load_system(path: str | Path, map_location: str = "cpu") -> HerdSystem:
+    """Reopen a herd checkpoint as the system that wrote it (weights-only unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Checkpoint {path} does not exist; pass ckpt_path=PATH/TO/last.ckpt.")
+    try:
+        header = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ConfigError(f"Checkpoint {path} could not be read ({type(exc).__name__}): {exc}") from exc
+    qualname = header.get("herd", {}).get("system") if isinstance(header, dict) else None
+    if not qualname or not qualname.startswith("herd.systems."):
+        raise ConfigError(f"Checkpoint {path} was not written by a herd system (no 'herd' entry).")
+    module_name, cls_name = qualname.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)

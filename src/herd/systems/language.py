@@ -1,0 +1,111 @@
+"""LanguageSystem: causal-LM pre-training and fine-tuning of the Llama decoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics import MeanMetric
+
+from herd.data.tokenizer import load_tokenizer
+from herd.errors import ConfigError
+from herd.models.llama import Llama, LlamaConfig, generate
+from herd.systems.common import HerdSystem, build_optimization, grad_norm, plain
+from herd.systems.losses import chunked_cross_entropy
+
+
+class LanguageSystem(HerdSystem):
+    """Owns training only; the architecture is `herd.models.llama.Llama` (self.model).
+
+    Args:
+        llama: LlamaConfig.from_flavor arguments: {"flavor": ..., field overrides}. A null
+            vocab_size takes the tokenizer's.
+        tokenizer: tokenizer spec (see herd.data.tokenizer.load_tokenizer).
+        optimizer: `_partial_` optimizer config (weight_decay applies to matrices only).
+        scheduler: `_partial_` scheduler config called with (optimizer, total_steps=...).
+        loss_chunk_size: tokens per chunk of the output projection + cross-entropy.
+    """
+
+    def __init__(
+        self,
+        llama: dict,
+        tokenizer: str = "herd_bpe",
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        loss_chunk_size: int = 1024,
+    ):
+        super().__init__()
+        llama, optimizer, scheduler = plain(llama), plain(optimizer), plain(scheduler)
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        overrides = dict(llama)
+        flavor = overrides.pop("flavor")
+        if overrides.get("vocab_size") is None:
+            overrides["vocab_size"] = self.tokenizer.vocab_size
+        config = LlamaConfig.from_flavor(flavor, **overrides)
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise ConfigError(
+                f"Tokenizer {tokenizer!r} has {self.tokenizer.vocab_size} tokens but the model's "
+                f"vocab_size is {config.vocab_size}; set model.llama.vocab_size=null to follow the tokenizer."
+            )
+        self.model = Llama(config)
+        self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.hidden_states(batch["input_ids"], doc_ids=batch.get("doc_ids"))  # [B, T, D]
+        return chunked_cross_entropy(
+            hidden, self.model.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        loss, n_tokens = self.loss(batch)
+        self.eval_loss[split].update(loss, weight=n_tokens)  # token-weighted mean over the split
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_eval(self, split: str) -> None:
+        loss = self.eval_loss[split].compute()
+        self.eval_loss[split].reset()
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=False)
+        self.log(f"{split}/ppl", torch.exp(loss).clamp(max=math.exp(20)))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/grad_norm", grad_norm(self.model), on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        return build_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+
+    # -- inference --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_text(self, prompts: list[list[int]], max_new_tokens: int = 48, **sampling) -> list[str]:
+        """Continue each prompt (token ids) and return prompt + continuation as text."""
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        for ids in prompts:
+            tokens = torch.tensor([ids], device=self.device)
+            result = generate(self.model, tokens, max_new_tokens, eos_id=self.tokenizer.eos_id, **sampling)
+            out.append(self.tokenizer.decode(result[0].tolist()))
+        self.model.train(was_training)
+        return out
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.model.config.flops_per_token(seq_len)

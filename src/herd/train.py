@@ -1,0 +1,77 @@
+"""herd-train: train one stage (today: the language model) from a Hydra config.
+
+    herd-train                                   # defaults: small Llama, 512 context, CPU
+    herd-train experiment=language_tiny trainer.max_steps=10
+    herd-train -m context=512,2k precision=fp32,bf16_mixed
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from herd.utils.cli import report_errors
+from herd.utils.preflight import check_context, check_hardware
+from herd.utils.run import final_metrics, log_hparams, write_metrics_json
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def instantiate_all(section: DictConfig | None) -> list:
+    """Instantiate every `_target_` entry of a config section (callbacks, loggers)."""
+    if not section:
+        return []
+    return [hydra.utils.instantiate(c) for c in section.values() if c and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    check_hardware(cfg)
+    check_context(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    system = hydra.utils.instantiate(cfg.model, _recursive_=False)
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    if cfg.train:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_metrics = dict(trainer.callback_metrics)
+
+    test_metrics = {}
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("No best checkpoint was saved; testing the current weights.")
+        trainer.test(system, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        test_metrics = dict(trainer.callback_metrics)
+
+    datamodule.setup("fit")
+    references = {"val/unigram_loss": datamodule.unigram_loss("val")}
+    metrics = final_metrics(fit_metrics, test_metrics, references)
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        output_dir = Path(cfg.paths.output_dir)
+        write_metrics_json(output_dir, metrics)
+        log_hparams(trainer.loggers, cfg, metrics, step=trainer.global_step)
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("val", "test"))
+        log.info("Final metrics: %s", summary)
+        log.info("Run directory: %s  (tensorboard --logdir %s)", output_dir, cfg.paths.log_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@report_errors
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # the value Hydra sweepers (e.g. Optuna) optimise
+    return metrics.get(cfg.get("optimized_metric", "val/loss"))
+
+
+if __name__ == "__main__":
+    main()

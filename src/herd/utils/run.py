@@ -1,0 +1,67 @@
+"""What every run leaves behind: metrics.json and the HParams entry in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Config subtrees whose values become HParams columns (with the chosen group options).
+HPARAM_SECTIONS = ("model", "data", "trainer", "seed")
+
+
+def final_metrics(*metric_dicts) -> dict[str, float]:
+    """Merge Lightning metric dicts into flat {stage/name: float} (later dicts win)."""
+    merged: dict[str, float] = {}
+    for metrics in metric_dicts:
+        for key, value in metrics.items():
+            if "/" not in key:
+                continue
+            value = float(value.item() if isinstance(value, torch.Tensor) else value)
+            if math.isfinite(value):
+                merged[key] = value
+    return dict(sorted(merged.items()))
+
+
+def write_metrics_json(output_dir: str | Path, metrics: dict[str, float]) -> Path:
+    path = Path(output_dir) / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def hparams_of(cfg: DictConfig) -> dict:
+    """The run's hyper-parameters: chosen config-group options plus the resolved model,
+    data and trainer settings (instantiation keys dropped)."""
+    params: dict = {}
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        params.update({f"choice/{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")})
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for section in HPARAM_SECTIONS:
+        if section in container:
+            params[section] = container[section]
+    return _drop_instantiation_keys(params)
+
+
+def _drop_instantiation_keys(value):
+    if isinstance(value, dict):
+        return {k: _drop_instantiation_keys(v) for k, v in value.items() if k not in ("_target_", "_partial_")}
+    return value
+
+
+def log_hparams(loggers, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
+    """One HParams session per run holding the final metrics, so sweeps compare side by side."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams_of(cfg), metrics=metrics, step=step)
+            logger.experiment.flush()

@@ -1,0 +1,88 @@
+"""Every config composes and instantiates; impossible combinations stop before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+
+from herd.errors import ConfigError
+from herd.train import CONFIG_DIR, instantiate_all
+from herd.utils.preflight import check_context, check_hardware
+
+from .conftest import compose_cfg
+
+CONFIGS = Path(CONFIG_DIR)
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+CONTEXTS = sorted(p.stem for p in (CONFIGS / "context").glob("*.yaml"))
+
+
+def instantiate_everything(cfg):
+    """What herd-train builds before fit, with the model on the meta device (no memory)."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    with torch.device("meta"):
+        system = hydra.utils.instantiate(cfg.model, _recursive_=False)
+    callbacks = instantiate_all(cfg.callbacks)
+    loggers = instantiate_all(cfg.logger)
+    return datamodule, system, callbacks, loggers
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
+    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path / "run")
+    datamodule, system, callbacks, loggers = instantiate_everything(cfg)
+    assert system.model.config.max_seq_len == cfg.context.seq_len == datamodule.hparams.seq_len
+    assert system.model.config.vocab_size >= datamodule.tokenizer.vocab_size
+    assert callbacks and loggers
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_context_sets_model_and_data_lengths_and_rope_scaling(context, tmp_path):
+    cfg = compose_cfg("train", [f"context={context}"], tmp_path / "run")
+    _, system, _, _ = instantiate_everything(cfg)
+    config = system.model.config
+    assert config.max_seq_len == cfg.data.seq_len == cfg.context.seq_len
+    # llama3 scaling exactly when the context exceeds the 8K pre-training length
+    assert (config.rope_scaling is not None) == (config.max_seq_len > 8192)
+    assert system.hparams.loss_chunk_size == cfg.context.loss_chunk_size
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_mixed", "bf16_true", "fp16_mixed"])
+@pytest.mark.parametrize("strategy", ["single", "ddp", "ddp_spawn", "fsdp"])
+def test_precision_and_strategy_compose(precision, strategy, tmp_path):
+    cfg = compose_cfg("train", [f"precision={precision}", f"strategy={strategy}"], tmp_path / "run")
+    assert cfg.trainer.precision and cfg.trainer.strategy
+    gpu_only = strategy == "fsdp" or precision == "fp16_mixed"
+    if torch.cuda.is_available() or not gpu_only:
+        check_hardware(cfg)
+    else:
+        with pytest.raises(ConfigError, match="needs (a )?CUDA GPU"):
+            check_hardware(cfg)
+
+
+def test_eval_config_composes(tmp_path):
+    cfg = compose_cfg("eval", ["ckpt_path=some.ckpt"], tmp_path / "run")
+    assert cfg.data.seq_len == cfg.context.seq_len
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy=fsdp"], r"strategy=fsdp \(FSDP\) needs CUDA GPUs .* use strategy=ddp_spawn"),
+        (["precision=fp16_mixed"], r"precision=fp16_mixed .* use precision=bf16_mixed or precision=fp32"),
+        (["trainer.accelerator=gpu"], r"no CUDA GPU is visible; use trainer.accelerator=cpu"),
+    ],
+)
+def test_gpu_only_options_are_refused_on_cpu(overrides, message, tmp_path):
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    with pytest.raises(ConfigError, match=message):
+        check_hardware(cfg)
+
+
+def test_overriding_one_length_without_the_other_is_refused(tmp_path):
+    cfg = compose_cfg("train", ["data.seq_len=1024"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="data.seq_len=1024 is longer than the model's max_seq_len=512"):
+        check_context(cfg)

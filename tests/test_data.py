@@ -1,0 +1,117 @@
+"""Tokenizers, packing, the embedded corpora and manifests."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from herd.data.corpus import pydoc_documents, read_text_manifest, split_documents
+from herd.data.packing import pack_documents
+from herd.data.text import TextDataModule
+from herd.data.tokenizer import BOS, EOS, ByteTokenizer, load_tokenizer
+from herd.errors import ConfigError, DataError
+from herd.systems.losses import IGNORE_INDEX
+
+
+@pytest.mark.parametrize("spec", ["herd_bpe", "bytes"])
+def test_tokenizers_round_trip_text_and_expose_llama3_specials(spec):
+    tok = load_tokenizer(spec)
+    text = 'The "with" statement wraps a block — naïve café ✓'
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids) == text
+    assert {BOS, EOS, "<|eot_id|>", "<|start_header_id|>", "<|image|>"} <= set(tok.special_ids)
+    assert max(tok.special_ids.values()) < tok.vocab_size
+
+
+def test_bundled_bpe_compresses_english_prose():
+    tok = load_tokenizer("herd_bpe")
+    text = " ".join(pydoc_documents()[:50])
+    assert tok.vocab_size == 4096
+    assert len(text) / len(tok.encode(text)) > 3.0  # bytes give 1.0
+
+
+def test_missing_tokenizer_file_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.json does not exist"):
+        load_tokenizer(str(tmp_path / "nope.json"))
+
+
+def test_packing_keeps_documents_apart():
+    docs = [[10, 11, 12], [20, 21], [30, 31, 32, 33]]  # stream of 9 tokens
+    rows = pack_documents(docs, seq_len=4, pad_id=0)
+    assert rows["input_ids"].tolist() == [[10, 11, 12, 20], [21, 30, 31, 32]]
+    # next-token labels, ignored where the next token belongs to another document
+    assert rows["labels"].tolist() == [[11, 12, IGNORE_INDEX, 21], [IGNORE_INDEX, 31, 32, 33]]
+    assert rows["doc_ids"].tolist() == [[0, 0, 0, 1], [0, 1, 1, 1]]
+
+
+def test_packing_pads_the_last_row():
+    rows = pack_documents([[1, 2, 3, 4, 5, 6]], seq_len=4, pad_id=99)
+    assert rows["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 99, 99]]
+    assert rows["labels"].tolist() == [[2, 3, 4, 5], [6, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert rows["doc_ids"][1].tolist() == [0, 0, -1, -1]
+
+
+def test_split_is_deterministic_and_disjoint():
+    docs = pydoc_documents()
+    a, b = split_documents(docs), split_documents(list(docs))
+    assert a == b
+    assert not set(a["train"]) & set(a["val"]) and not set(a["train"]) & set(a["test"])
+    assert len(a["val"]) > 20 and len(a["test"]) > 20
+
+
+def test_datamodule_rows_and_unigram_reference():
+    dm = TextDataModule(tokenizer="herd_bpe", seq_len=128, batch_size=4, source="pydoc")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["doc_ids"].shape == (4, 128)
+    # the unigram model of this corpus costs ~6 nats/token: the floor a trained LM must beat
+    assert 5.0 < dm.unigram_loss("val") < 7.5
+
+
+def write_manifest(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_manifest_datamodule_trains_on_user_text(tmp_path):
+    texts = [json.dumps({"text": f"Document number {i} says something about lists and loops."}) for i in range(60)]
+    manifest = write_manifest(tmp_path / "m.jsonl", texts)
+    dm = TextDataModule(tokenizer="bytes", seq_len=64, batch_size=2, source="manifest", manifest=str(manifest),
+                        val_fraction=0.2)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) > 0 and len(dm.datasets["val"]) > 0
+    assert isinstance(dm.tokenizer, ByteTokenizer)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("{not json", "Expecting property name"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"txt": "typo"}', 'missing a string "text" field'),
+        ('{"text": "   "}', '"text" is empty'),
+    ],
+)
+def test_bad_manifest_lines_name_file_and_line(tmp_path, line, reason):
+    manifest = write_manifest(tmp_path / "bad.jsonl", ['{"text": "fine"}', line, '{"text": "also fine"}'])
+    with pytest.raises(DataError, match=f"bad.jsonl, line 2: {re.escape(reason)}"):
+        read_text_manifest(manifest)
+    assert read_text_manifest(manifest, skip_bad=True) == ["fine", "also fine"]
+
+
+def test_missing_manifest_is_named(tmp_path):
+    with pytest.raises(DataError, match="missing.jsonl does not exist"):
+        read_text_manifest(tmp_path / "missing.jsonl")
+
+
+def test_sample_prompts_come_from_held_out_documents():
+    dm = TextDataModule(tokenizer="herd_bpe", seq_len=128, source="pydoc")
+    dm.setup("fit")
+    prompts = dm.sample_prompts(3, 8)
+    assert len(prompts) == 3 and all(len(p) == 8 and p[0] == dm.tokenizer.bos_id for p in prompts)
+    assert all(isinstance(t, int) for t in prompts[0])
+    assert torch.is_tensor(dm.datasets["val"][0]["input_ids"])
