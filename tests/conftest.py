@@ -58,11 +58,17 @@ def train_cfg(tmp_path):
     GlobalHydra.instance().clear()
 
 
-def run_cli(module: str, *args: str, log_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, log_dir: Path, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, in a fresh process."""
     env = {**os.environ, "HERD_LOG_DIR": str(log_dir), "PYTHONWARNINGS": "ignore"}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

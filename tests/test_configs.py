@@ -72,7 +72,10 @@ def test_eval_config_composes(tmp_path):
     ("overrides", "message"),
     [
         (["strategy=fsdp"], r"strategy=fsdp \(FSDP\) needs CUDA GPUs .* use strategy=ddp_spawn"),
-        (["precision=fp16_mixed"], r"precision=fp16_mixed .* use precision=bf16_mixed or precision=fp32"),
+        (
+            ["precision=fp16_mixed"],
+            r"precision=fp16_mixed .* use precision=bf16_mixed or precision=fp32",
+        ),
         (["trainer.accelerator=gpu"], r"no CUDA GPU is visible; use trainer.accelerator=cpu"),
     ],
 )
@@ -84,5 +87,7 @@ def test_gpu_only_options_are_refused_on_cpu(overrides, message, tmp_path):
 
 def test_overriding_one_length_without_the_other_is_refused(tmp_path):
     cfg = compose_cfg("train", ["data.seq_len=1024"], tmp_path / "run")
-    with pytest.raises(ConfigError, match="data.seq_len=1024 is longer than the model's max_seq_len=512"):
+    with pytest.raises(
+        ConfigError, match="data.seq_len=1024 is longer than the model's max_seq_len=512"
+    ):
         check_context(cfg)

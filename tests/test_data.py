@@ -78,10 +78,19 @@ def write_manifest(path, lines):
 
 
 def test_manifest_datamodule_trains_on_user_text(tmp_path):
-    texts = [json.dumps({"text": f"Document number {i} says something about lists and loops."}) for i in range(60)]
+    texts = [
+        json.dumps({"text": f"Document number {i} says something about lists and loops."})
+        for i in range(60)
+    ]
     manifest = write_manifest(tmp_path / "m.jsonl", texts)
-    dm = TextDataModule(tokenizer="bytes", seq_len=64, batch_size=2, source="manifest", manifest=str(manifest),
-                        val_fraction=0.2)
+    dm = TextDataModule(
+        tokenizer="bytes",
+        seq_len=64,
+        batch_size=2,
+        source="manifest",
+        manifest=str(manifest),
+        val_fraction=0.2,
+    )
     dm.setup("fit")
     assert len(dm.datasets["train"]) > 0 and len(dm.datasets["val"]) > 0
     assert isinstance(dm.tokenizer, ByteTokenizer)
@@ -97,7 +106,9 @@ def test_manifest_datamodule_trains_on_user_text(tmp_path):
     ],
 )
 def test_bad_manifest_lines_name_file_and_line(tmp_path, line, reason):
-    manifest = write_manifest(tmp_path / "bad.jsonl", ['{"text": "fine"}', line, '{"text": "also fine"}'])
+    manifest = write_manifest(
+        tmp_path / "bad.jsonl", ['{"text": "fine"}', line, '{"text": "also fine"}']
+    )
     with pytest.raises(DataError, match=f"bad.jsonl, line 2: {re.escape(reason)}"):
         read_text_manifest(manifest)
     assert read_text_manifest(manifest, skip_bad=True) == ["fine", "also fine"]

@@ -68,8 +68,12 @@ def test_attention_with_kv_heads_equal_to_heads_is_plain_multi_head_attention():
     cfg = tiny(n_kv_heads=4)
     attn = Attention(cfg)
     x = torch.randn(2, 10, cfg.dim)
-    cos, sin = rope_cos_sin(torch.arange(10).expand(2, 10), rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, None))
-    torch.testing.assert_close(attn(x, cos, sin, None), reference_attention(attn, x, cos, sin), atol=1e-5, rtol=1e-5)
+    cos, sin = rope_cos_sin(
+        torch.arange(10).expand(2, 10), rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, None)
+    )
+    torch.testing.assert_close(
+        attn(x, cos, sin, None), reference_attention(attn, x, cos, sin), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_grouped_query_attention_equals_multi_head_attention_with_shared_kv_heads():
@@ -83,12 +87,16 @@ def test_grouped_query_attention_equals_multi_head_attention_with_shared_kv_head
             w = getattr(gqa, name).weight.view(2, hd, -1)
             getattr(mha, name).weight.copy_(w.repeat_interleave(2, dim=0).reshape(4 * hd, -1))
     x = torch.randn(2, 12, gqa_cfg.dim)
-    cos, sin = rope_cos_sin(torch.arange(12).expand(2, 12), rope_inverse_frequencies(hd, 500000.0, None))
+    cos, sin = rope_cos_sin(
+        torch.arange(12).expand(2, 12), rope_inverse_frequencies(hd, 500000.0, None)
+    )
     torch.testing.assert_close(gqa(x, cos, sin, None), mha(x, cos, sin, None), atol=1e-6, rtol=1e-5)
 
 
 def test_llama3_scaled_frequencies_match_a_hand_computed_reference():
-    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+    scaling = RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192
+    )
     head_dim, theta = 128, 500000.0
     got = rope_inverse_frequencies(head_dim, theta, scaling)
     expected = []
@@ -106,7 +114,11 @@ def test_llama3_scaled_frequencies_match_a_hand_computed_reference():
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
     # All three regimes occur at the 8B's head size.
     plain = rope_inverse_frequencies(head_dim, theta, None)
-    assert (got == plain).any() and (got == plain / 8).any() and ((got != plain) & (got != plain / 8)).any()
+    assert (
+        (got == plain).any()
+        and (got == plain / 8).any()
+        and ((got != plain) & (got != plain / 8)).any()
+    )
 
 
 def test_document_positions_and_mask():
@@ -147,14 +159,18 @@ def test_generation_stops_at_eos_and_pads_finished_rows():
     with torch.no_grad():  # all logits 0: greedy decoding picks token 0 every time
         model.norm.weight.zero_()
     prompt = torch.randint(1, 512, (2, 4))
-    assert generate(model, prompt, max_new_tokens=10, eos_id=0).tolist() == [p + [0] for p in prompt.tolist()]
+    assert generate(model, prompt, max_new_tokens=10, eos_id=0).tolist() == [
+        p + [0] for p in prompt.tolist()
+    ]
     assert generate(model, prompt, max_new_tokens=10).shape == (2, 14)
 
 
 def test_top_p_sampling_never_leaves_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = {int(sample_next_token(logits, temperature=1.0, top_p=0.7, generator=g)) for _ in range(300)}
+    draws = {
+        int(sample_next_token(logits, temperature=1.0, top_p=0.7, generator=g)) for _ in range(300)
+    }
     assert draws == {0, 1}
     assert int(sample_next_token(logits)) == 0  # temperature 0 is greedy
 
@@ -200,5 +216,7 @@ def test_tied_embeddings_share_one_tensor():
 def test_sdpa_matches_manual_attention_under_the_document_mask():
     q, k, v = torch.randn(3, 1, 2, 6, 8).unbind(0)
     mask = document_causal_mask(torch.tensor([[0, 0, 1, 1, 1, 2]]))
-    manual = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    manual = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf")).softmax(
+        -1
+    ) @ v
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), manual)

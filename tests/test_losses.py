@@ -18,7 +18,9 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(chunk_size):
     labels[0, :5] = IGNORE_INDEX
     labels[2, -3:] = IGNORE_INDEX
 
-    full = F.cross_entropy((hidden @ weight.t()).view(-1, 50), labels.view(-1), ignore_index=IGNORE_INDEX)
+    full = F.cross_entropy(
+        (hidden @ weight.t()).view(-1, 50), labels.view(-1), ignore_index=IGNORE_INDEX
+    )
     g_hidden, g_weight = torch.autograd.grad(full, (hidden, weight))
 
     chunked, n_tokens = chunked_cross_entropy(hidden, weight, labels, chunk_size)

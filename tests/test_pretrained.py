@@ -15,7 +15,10 @@ from herd.models.pretrained import load_pretrained_llama, save_hf_checkpoint
 transformers = pytest.importorskip("transformers")
 
 LLAMA3_SCALING = {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
 
@@ -23,9 +26,17 @@ LLAMA3_SCALING = {
 def hf_model(tmp_path, scaled: bool, tied: bool = False, shard: bool = False):
     """A small random transformers Llama saved with save_pretrained."""
     cfg = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=160, vocab_size=300, rms_norm_eps=1e-5, max_position_embeddings=256,
-        rope_theta=500000.0, rope_scaling=LLAMA3_SCALING if scaled else None, tie_word_embeddings=tied,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=160,
+        vocab_size=300,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_SCALING if scaled else None,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -61,8 +72,14 @@ def test_greedy_generation_with_kv_cache_matches_transformers(tmp_path):
     model = load_pretrained_llama(path).eval()
     prompt = torch.randint(0, 300, (1, 10))
     ours = generate(model, prompt, max_new_tokens=30)
-    theirs = reference.generate(prompt, max_new_tokens=30, do_sample=False, min_new_tokens=30,
-                                pad_token_id=0, eos_token_id=None)
+    theirs = reference.generate(
+        prompt,
+        max_new_tokens=30,
+        do_sample=False,
+        min_new_tokens=30,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     assert ours.tolist() == theirs.tolist()
 
 
@@ -74,8 +91,13 @@ def test_export_round_trips_through_transformers(tmp_path, tied):
     reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     tokens = torch.randint(0, 300, (1, 90))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(tokens).logits, reference(tokens).logits, atol=1e-5, rtol=1e-5)
-    assert dataclasses.replace(load_pretrained_llama(out).config, flavor=model.config.flavor) == model.config
+        torch.testing.assert_close(
+            reloaded(tokens).logits, reference(tokens).logits, atol=1e-5, rtol=1e-5
+        )
+    assert (
+        dataclasses.replace(load_pretrained_llama(out).config, flavor=model.config.flavor)
+        == model.config
+    )
 
 
 def test_sharded_safetensors_load(tmp_path):
@@ -102,20 +124,34 @@ def to_meta_layout(hf_path, meta_path):
         heads = {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads}.get(parts[-2])
         if heads:  # half-split rows back to interleaved pairs
             hd = cfg.head_dim
-            tensor = tensor.view(heads, 2, hd // 2, cfg.dim).transpose(1, 2).reshape(heads * hd, cfg.dim)
+            tensor = (
+                tensor.view(heads, 2, hd // 2, cfg.dim).transpose(1, 2).reshape(heads * hd, cfg.dim)
+            )
         state[meta_name] = tensor.clone()
     meta_path.mkdir()
     torch.save(state, meta_path / "consolidated.00.pth")
-    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-              "vocab_size": cfg.vocab_size, "multiple_of": 32, "ffn_dim_multiplier": 0.9375,
-              "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "use_scaled_rope": False}
+    params = {
+        "dim": cfg.dim,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "multiple_of": 32,
+        "ffn_dim_multiplier": 0.9375,
+        "norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "use_scaled_rope": False,
+    }
     (meta_path / "params.json").write_text(json.dumps(params))
 
 
 def test_meta_layout_gives_the_same_logits_as_the_hf_layout(tmp_path):
     _, hf_path = hf_model(tmp_path, scaled=False)
     to_meta_layout(hf_path, tmp_path / "meta")
-    hf, meta = load_pretrained_llama(hf_path).eval(), load_pretrained_llama(tmp_path / "meta").eval()
+    hf, meta = (
+        load_pretrained_llama(hf_path).eval(),
+        load_pretrained_llama(tmp_path / "meta").eval(),
+    )
     assert meta.config.ffn_dim == 160  # from dim, multiple_of and ffn_dim_multiplier
     tokens = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
@@ -127,10 +163,15 @@ def test_bad_checkpoints_name_the_file_and_key(tmp_path):
     config = json.loads((path / "config.json").read_text())
 
     (path / "config.json").write_text(json.dumps({**config, "vocab_size": 301}))
-    with pytest.raises(ConfigError, match=r"(embed_tokens|lm_head).weight has shape \(300, 64\) but the config implies \(301, 64\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"(embed_tokens|lm_head).weight has shape \(300, 64\) but the config implies \(301, 64\)",
+    ):
         load_pretrained_llama(path)
 
-    (path / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}))
+    (path / "config.json").write_text(
+        json.dumps({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}})
+    )
     with pytest.raises(ConfigError, match="rope_type 'yarn' is not supported"):
         load_pretrained_llama(path)
 

@@ -24,15 +24,21 @@ def scalars(run_dir):
 
 
 def test_short_real_training_run_learns_and_leaves_a_complete_run_dir(train_cfg):
-    cfg = train_cfg("trainer.max_steps=60", "trainer.val_check_interval=30", "model.optimizer.lr=1e-2",
-                    "model.scheduler.warmup_steps=10")
+    cfg = train_cfg(
+        "trainer.max_steps=150",
+        "trainer.val_check_interval=50",
+        "model.optimizer.lr=1e-2",
+        "model.scheduler.warmup_steps=10",
+    )
     metrics = train(cfg)
     run_dir = Path(cfg.paths.output_dir)
 
     # learnt: well below the unigram model of the same data, and far below the start (ln 4096 = 8.3)
     assert metrics["val/loss"] < metrics["val/unigram_loss"] - 0.5
     assert metrics["test/loss"] < 6.0
-    assert metrics["val/ppl"] == pytest.approx(torch.tensor(metrics["val/loss"]).exp().item(), rel=1e-4)
+    assert metrics["val/ppl"] == pytest.approx(
+        torch.tensor(metrics["val/loss"]).exp().item(), rel=1e-4
+    )
 
     # contract: metrics.json (flat stage/name keys), last.ckpt, TensorBoard events with
     # losses, lr, grad norm, throughput, text samples and an HParams session
@@ -41,19 +47,35 @@ def test_short_real_training_run_learns_and_leaves_a_complete_run_dir(train_cfg)
     assert all("/" in k for k in on_disk)
     assert (run_dir / "checkpoints" / "last.ckpt").stat().st_size > 0
     acc, values = scalars(run_dir)
-    for tag in ("train/loss", "val/loss", "val/ppl", "train/grad_norm", "perf/tokens_per_sec", "test/loss"):
+    for tag in (
+        "train/loss",
+        "val/loss",
+        "val/ppl",
+        "train/grad_norm",
+        "perf/tokens_per_sec",
+        "test/loss",
+    ):
         assert values.get(tag), f"{tag} missing from TensorBoard"
     assert any(tag.startswith("lr-") for tag in values)
-    assert values["train/loss"][-1] < values["train/loss"][0] - 2.0
-    assert "samples/text" in acc.Tags()["tensors"]
+    assert values["train/loss"][-1] < values["train/loss"][0] - 1.0
+    samples = acc.Tensors("samples/text/text_summary")
+    assert len(samples) == 3  # one per validation
+    assert len(samples[-1].tensor_proto.string_val[0].decode()) > 100
     hparams_tags = acc.summary_metadata
     assert any(meta.plugin_data.plugin_name == "hparams" for meta in hparams_tags.values())
 
 
 def test_evaluate_and_resume_from_last_checkpoint(tmp_path):
     logs = tmp_path / "logs"
-    first = run_cli("herd.train", *FAST, "trainer.max_steps=8", "trainer.val_check_interval=4",
-                    "test=false", "hydra.run.dir=" + str(tmp_path / "first"), log_dir=logs)
+    first = run_cli(
+        "herd.train",
+        *FAST,
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "test=false",
+        "hydra.run.dir=" + str(tmp_path / "first"),
+        log_dir=logs,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert (tmp_path / "first" / ".hydra" / "config.yaml").is_file()
@@ -61,27 +83,49 @@ def test_evaluate_and_resume_from_last_checkpoint(tmp_path):
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 8 and state["herd"]["system"].endswith("LanguageSystem")
 
-    evaluated = run_cli("herd.evaluate", f"ckpt_path={ckpt}", "data.source=pydoc",
-                        "hydra.run.dir=" + str(tmp_path / "eval"), log_dir=logs)
+    evaluated = run_cli(
+        "herd.evaluate",
+        f"ckpt_path={ckpt}",
+        "data.source=pydoc",
+        "hydra.run.dir=" + str(tmp_path / "eval"),
+        log_dir=logs,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"test/loss", "test/ppl"} and metrics["test/loss"] < 8.0
 
-    resumed = run_cli("herd.train", *FAST, "trainer.max_steps=12", "trainer.val_check_interval=4",
-                      "test=false", f"ckpt_path={ckpt}", "hydra.run.dir=" + str(tmp_path / "resumed"),
-                      log_dir=logs)
+    resumed = run_cli(
+        "herd.train",
+        *FAST,
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=4",
+        "test=false",
+        "trainer.log_every_n_steps=1",
+        f"ckpt_path={ckpt}",
+        "hydra.run.dir=" + str(tmp_path / "resumed"),
+        log_dir=logs,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = torch.load(
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert state["global_step"] == 12  # continued from step 8, not from scratch
     _, values = scalars(tmp_path / "resumed")
-    assert len(values["train/loss"]) == 4  # only steps 9..12 ran
+    assert len(values["train/loss"]) == 4  # only steps 9..12 ran, one value logged per step
 
 
 def test_ddp_spawn_with_two_cpu_processes(train_cfg):
-    cfg = train_cfg("strategy=ddp_spawn", "trainer.max_steps=4", "trainer.val_check_interval=2",
-                    "trainer.limit_val_batches=2", "trainer.limit_test_batches=2")
+    cfg = train_cfg(
+        "strategy=ddp_spawn",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+    )
     metrics = train(cfg)
-    state = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    state = torch.load(
+        f"{cfg.paths.output_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=True
+    )
     assert state["global_step"] == 4
     assert {"val/loss", "test/loss"} <= set(metrics)
 
@@ -90,8 +134,14 @@ def test_ddp_spawn_with_two_cpu_processes(train_cfg):
     ("args", "message"),
     [
         (["strategy=fsdp"], "herd: error: strategy=fsdp (FSDP) needs CUDA GPUs"),
-        (["model.llama.n_kv_heads=3"], "herd: error: flavor 'tiny': n_heads 4 is not divisible by n_kv_heads 3"),
-        (["context=8k", "context.rope_scaling=null", "context.seq_len=16384"], "no rope_scaling is set"),
+        (
+            ["model.llama.n_kv_heads=3"],
+            "herd: error: flavor 'tiny': n_heads 4 is not divisible by n_kv_heads 3",
+        ),
+        (
+            ["context=8k", "context.rope_scaling=null", "context.seq_len=16384"],
+            "no rope_scaling is set",
+        ),
         (["data.source=manifest"], "herd: error: data.source=manifest needs data.manifest=PATH"),
     ],
 )

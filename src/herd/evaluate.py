@@ -1,6 +1,6 @@
 """herd-eval: test a trained checkpoint and write metrics.json in a new run directory.
 
-    herd-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
+herd-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
 """
 
 from __future__ import annotations

@@ -27,7 +27,13 @@ def collect(root: Path) -> tuple[list[dict], list[Path]]:
             missing.append(run_dir)
             continue
         settings = dict(o.split("=", 1) for o in overrides or [] if "=" in o)
-        rows.append({"run": str(run_dir.relative_to(root)) or ".", **settings, **json.loads(metrics_file.read_text())})
+        rows.append(
+            {
+                "run": str(run_dir.relative_to(root)) or ".",
+                **settings,
+                **json.loads(metrics_file.read_text()),
+            }
+        )
     return rows, missing
 
 
@@ -54,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     columns = list(dict.fromkeys(k for r in rows for k in r))
     table = to_markdown(rows, columns)
-    notes = "".join(f"\n- no metrics (failed or unfinished): {p.relative_to(root)}" for p in missing)
-    report = f"# herd report: {root}\n\n{table}\n" + (f"\n## Missing runs{notes}\n" if missing else "")
+    notes = "".join(
+        f"\n- no metrics (failed or unfinished): {p.relative_to(root)}" for p in missing
+    )
+    report = f"# herd report: {root}\n\n{table}\n" + (
+        f"\n## Missing runs{notes}\n" if missing else ""
+    )
     (root / "report.md").write_text(report)
     with (root / "report.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)

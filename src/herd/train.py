@@ -1,8 +1,8 @@
 """herd-train: train one stage (today: the language model) from a Hydra config.
 
-    herd-train                                   # defaults: small Llama, 512 context, CPU
-    herd-train experiment=language_tiny trainer.max_steps=10
-    herd-train -m context=512,2k precision=fp32,bf16_mixed
+herd-train                                   # defaults: small Llama, 512 context, CPU
+herd-train experiment=language_tiny trainer.max_steps=10
+herd-train -m context=512,2k precision=fp32,bf16_mixed
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         output_dir = Path(cfg.paths.output_dir)
         write_metrics_json(output_dir, metrics)
         log_hparams(trainer.loggers, cfg, metrics, step=trainer.global_step)
-        summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("val", "test"))
+        summary = ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("val", "test")
+        )
         log.info("Final metrics: %s", summary)
         log.info("Run directory: %s  (tensorboard --logdir %s)", output_dir, cfg.paths.log_dir)
     return metrics

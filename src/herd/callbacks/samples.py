@@ -28,7 +28,7 @@ class TextSamples(L.Callback):
         rows = []
         for prompt, text in zip(prompts, self.last_samples, strict=True):
             shown_prompt = tokenizer.decode(prompt)
-            continuation = text[len(shown_prompt):] if text.startswith(shown_prompt) else text
+            continuation = text[len(shown_prompt) :] if text.startswith(shown_prompt) else text
             rows.append(f"**{_md(shown_prompt)}** {_md(continuation)}")
         body = "\n\n---\n\n".join(rows)
         for logger in loggers:

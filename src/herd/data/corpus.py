@@ -26,7 +26,15 @@ log = logging.getLogger(__name__)
 MIN_DOC_CHARS = 400  # shorter paragraphs are merged with the next one
 MIN_DOCSTRING_CHARS = 200  # one-line docstrings say little English
 # Stdlib parts that are tests, tools or vendored code rather than documented API.
-SKIPPED_STDLIB_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip"}
+SKIPPED_STDLIB_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "site-packages",
+    "ensurepip",
+}
 
 
 def pydoc_documents() -> list[str]:
@@ -76,12 +84,16 @@ def python_docs_documents() -> list[str]:
 CORPORA = {"pydoc": pydoc_documents, "python_docs": python_docs_documents}
 
 
-def split_documents(docs: list[str], val_fraction: float = 0.05, test_fraction: float = 0.05) -> dict:
+def split_documents(
+    docs: list[str], val_fraction: float = 0.05, test_fraction: float = 0.05
+) -> dict:
     """Deterministic split by a hash of each document's text (stable across runs and machines)."""
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for doc in docs:
         u = zlib.crc32(doc.encode("utf-8")) / 2**32
-        split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        split = (
+            "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        )
         splits[split].append(doc)
     return splits
 

@@ -39,7 +39,11 @@ def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int) -> dict[str
     # Local ids 0, 1, ... per row (padding stays -1) so masks never depend on corpus size.
     local = doc_in - doc_in[:, :1]
     doc_ids = torch.where(doc_in < 0, torch.full_like(local, -1), local)
-    return {"input_ids": inputs.contiguous(), "labels": labels.contiguous(), "doc_ids": doc_ids.contiguous()}
+    return {
+        "input_ids": inputs.contiguous(),
+        "labels": labels.contiguous(),
+        "doc_ids": doc_ids.contiguous(),
+    }
 
 
 class PackedDataset(torch.utils.data.Dataset):

@@ -30,7 +30,9 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if source not in (*CORPORA, "manifest"):
-            raise ConfigError(f"data.source={source!r} is unknown; use one of {[*CORPORA, 'manifest']}.")
+            raise ConfigError(
+                f"data.source={source!r} is unknown; use one of {[*CORPORA, 'manifest']}."
+            )
         if source == "manifest" and not manifest:
             raise ConfigError("data.source=manifest needs data.manifest=PATH to a JSONL file.")
         self.tokenizer = load_tokenizer(tokenizer)
@@ -51,7 +53,9 @@ class TextDataModule(L.LightningDataModule):
         for name, texts in splits.items():
             self.documents[name] = [self.tokenizer.encode(t, bos=True, eos=True) for t in texts]
             if self.documents[name]:
-                self.datasets[name] = PackedDataset(self.documents[name], hp.seq_len, self.tokenizer.pad_id)
+                self.datasets[name] = PackedDataset(
+                    self.documents[name], hp.seq_len, self.tokenizer.pad_id
+                )
         for name in ("train", "val"):
             if name not in self.datasets:
                 raise ConfigError(
@@ -85,7 +89,9 @@ class TextDataModule(L.LightningDataModule):
         """Cross-entropy (nats/token) of `split` under an add-one unigram model of the train
         labels: the floor a language model must beat to have learnt anything beyond counts."""
         train = self.datasets["train"].rows["labels"]
-        counts = torch.bincount(train[train != IGNORE_INDEX], minlength=self.tokenizer.vocab_size).double()
+        counts = torch.bincount(
+            train[train != IGNORE_INDEX], minlength=self.tokenizer.vocab_size
+        ).double()
         log_probs = torch.log((counts + 1) / (counts.sum() + len(counts)))
         target = self.datasets[split].rows["labels"]
         target = target[target != IGNORE_INDEX]

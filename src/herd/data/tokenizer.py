@@ -19,7 +19,14 @@ BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 PAD = "<|finetune_right_pad_id|>"
 # Llama 3's reserved tokens that herd's formats use, plus herd's speech placeholder.
 SPECIAL_TOKENS = [
-    BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", EOT, PAD, "<|image|>", "<|speech|>",
+    BOS,
+    EOS,
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    EOT,
+    PAD,
+    "<|image|>",
+    "<|speech|>",
 ]
 BUNDLED = {"herd_bpe": "python_docs_bpe_4k.json"}
 
@@ -86,7 +93,9 @@ class HFTokenizer(Tokenizer):
 
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"Tokenizer file {path} does not exist; use tokenizer=herd_bpe or bytes.")
+            raise ConfigError(
+                f"Tokenizer file {path} does not exist; use tokenizer=herd_bpe or bytes."
+            )
         try:
             self._tok = RustTokenizer.from_file(str(path))
         except Exception as exc:  # the Rust error names no file
@@ -140,7 +149,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="Retrain the bundled BPE on the embedded corpus.")
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--out", default=str(files("herd.assets") / "tokenizers" / BUNDLED["herd_bpe"]))
+    parser.add_argument(
+        "--out", default=str(files("herd.assets") / "tokenizers" / BUNDLED["herd_bpe"])
+    )
     args = parser.parse_args()
     train_docs = split_documents(python_docs_documents())["train"]  # never fit on val/test text
     train_bpe(train_docs, args.vocab_size).save(args.out)

@@ -38,7 +38,9 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.rope_type != "llama3":
-            raise ConfigError(f"rope_scaling.rope_type={self.rope_type!r} is not supported; use 'llama3'.")
+            raise ConfigError(
+                f"rope_scaling.rope_type={self.rope_type!r} is not supported; use 'llama3'."
+            )
         if self.factor < 1 or self.high_freq_factor <= self.low_freq_factor:
             raise ConfigError(
                 f"rope_scaling needs factor >= 1 and high_freq_factor > low_freq_factor, got {self}."
@@ -66,7 +68,15 @@ class LlamaConfig:
         if isinstance(self.rope_scaling, dict):  # from YAML / JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         where = f"flavor {self.flavor!r}"
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
+        for name in (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "ffn_dim",
+            "max_seq_len",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}.")
         if self.dim % self.n_heads:
@@ -103,7 +113,9 @@ class LlamaConfig:
             raise ConfigError(f"Unknown Llama flavor {flavor!r}; choose one of {sorted(FLAVORS)}.")
         unknown = set(overrides) - {f for f in cls.__dataclass_fields__}
         if unknown:
-            raise ConfigError(f"Unknown LlamaConfig field(s) {sorted(unknown)} for flavor {flavor!r}.")
+            raise ConfigError(
+                f"Unknown LlamaConfig field(s) {sorted(unknown)} for flavor {flavor!r}."
+            )
         overrides = {k: v for k, v in overrides.items() if v is not None or k == "rope_scaling"}
         return replace(FLAVORS[flavor], **overrides)
 
@@ -133,32 +145,72 @@ LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=
 # Release flavors follow the published configs; the small ones are for CPU work and tests.
 FLAVORS: dict[str, LlamaConfig] = {
     "llama3_1_8b": LlamaConfig(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128_256, ffn_dim=14_336,
-        max_seq_len=131_072, rope_scaling=LLAMA31_SCALING, flavor="llama3_1_8b",
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128_256,
+        ffn_dim=14_336,
+        max_seq_len=131_072,
+        rope_scaling=LLAMA31_SCALING,
+        flavor="llama3_1_8b",
     ),
     "llama3_1_70b": LlamaConfig(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128_256, ffn_dim=28_672,
-        max_seq_len=131_072, rope_scaling=LLAMA31_SCALING, flavor="llama3_1_70b",
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=128_256,
+        ffn_dim=28_672,
+        max_seq_len=131_072,
+        rope_scaling=LLAMA31_SCALING,
+        flavor="llama3_1_70b",
     ),
     "llama3_2_1b": LlamaConfig(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128_256, ffn_dim=8192,
-        max_seq_len=131_072, rope_scaling=RopeScaling(factor=32.0), tie_embeddings=True,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128_256,
+        ffn_dim=8192,
+        max_seq_len=131_072,
+        rope_scaling=RopeScaling(factor=32.0),
+        tie_embeddings=True,
         flavor="llama3_2_1b",
     ),
     "llama3_2_3b": LlamaConfig(
-        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128_256, ffn_dim=8192,
-        max_seq_len=131_072, rope_scaling=RopeScaling(factor=32.0), tie_embeddings=True,
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        vocab_size=128_256,
+        ffn_dim=8192,
+        max_seq_len=131_072,
+        rope_scaling=RopeScaling(factor=32.0),
+        tie_embeddings=True,
         flavor="llama3_2_3b",
     ),
     # ~7M parameters with a 4K vocabulary: trains on 2 CPU cores in minutes.
     "small": LlamaConfig(
-        dim=256, n_layers=6, n_heads=8, n_kv_heads=2, vocab_size=4096, ffn_dim=768,
-        max_seq_len=2048, flavor="small",
+        dim=256,
+        n_layers=6,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=4096,
+        ffn_dim=768,
+        max_seq_len=2048,
+        flavor="small",
     ),
     # ~1M parameters: unit tests and smoke runs.
     "tiny": LlamaConfig(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=192,
-        max_seq_len=512, flavor="tiny",
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=512,
+        ffn_dim=192,
+        max_seq_len=512,
+        flavor="tiny",
     ),
 }
 
@@ -166,7 +218,9 @@ FLAVORS: dict[str, LlamaConfig] = {
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling | None
+) -> torch.Tensor:
     """[Hd/2] fp32 inverse frequencies, with Llama 3.1 scaling applied when given.
 
     Scaling by wavelength (2*pi/freq) against the original context L:
@@ -193,7 +247,9 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B, T] -> cos, sin [B, T, Hd] in fp32 (rotate-half layout: frequencies repeated)."""
     freqs = positions.float()[..., None] * inv_freq  # [B, T, Hd/2]
     angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, Hd]
@@ -249,13 +305,17 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Preallocated keys/values for incremental decoding: [B, K, max_len, Hd] each."""
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+    def __init__(
+        self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device
+    ):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, K, T, Hd] at positions start..start+T; return all keys/values so far."""
         end = start + k.shape[2]
         if end > self.k.shape[2]:
@@ -287,8 +347,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Hd]
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # [B, K, T, Hd]
+        v = (
+            self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # [B, K, T, Hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)  # [B, K, S, Hd]
@@ -344,7 +408,8 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # Recomputed on the fly from positions, so per-document positions cost nothing extra.
         self.register_buffer(
-            "inv_freq", rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+            "inv_freq",
+            rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
             persistent=False,
         )
         self.reset_parameters()
@@ -357,8 +422,12 @@ class Llama(nn.Module):
                 nn.init.ones_(module.weight)
         # Scale residual-branch outputs by depth so the residual stream starts near unit variance.
         for layer in self.layers:
-            nn.init.normal_(layer.self_attn.o_proj.weight, std=std / math.sqrt(2 * self.config.n_layers))
-            nn.init.normal_(layer.mlp.down_proj.weight, std=std / math.sqrt(2 * self.config.n_layers))
+            nn.init.normal_(
+                layer.self_attn.o_proj.weight, std=std / math.sqrt(2 * self.config.n_layers)
+            )
+            nn.init.normal_(
+                layer.mlp.down_proj.weight, std=std / math.sqrt(2 * self.config.n_layers)
+            )
         self.inv_freq = rope_inverse_frequencies(
             self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
         ).to(self.inv_freq.device)
@@ -384,7 +453,8 @@ class Llama(nn.Module):
         self,
         tokens: torch.Tensor,  # [B, T] int64
         doc_ids: torch.Tensor | None = None,  # [B, T] packed-document ids
-        cache_start: int | None = None,  # absolute position of tokens[:, 0] when decoding with a cache
+        cache_start: int
+        | None = None,  # absolute position of tokens[:, 0] when decoding with a cache
         inputs_embeds: torch.Tensor | None = None,  # [B, T, D] instead of embedding `tokens`
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]; the loss is computed from these in chunks."""
@@ -402,7 +472,9 @@ class Llama(nn.Module):
             positions = document_positions(doc_ids)  # [B, T]
             mask = document_causal_mask(doc_ids)  # [B, 1, T, T]
         elif cache_start is not None:
-            positions = torch.arange(cache_start, cache_start + T, device=tokens.device).expand(B, T)
+            positions = torch.arange(cache_start, cache_start + T, device=tokens.device).expand(
+                B, T
+            )
             # Query i sits at absolute position cache_start + i and sees keys 0..cache_start + i.
             keys = torch.arange(cache_start + T, device=tokens.device)
             mask = (keys[None, :] <= positions[0, :, None])[None, None]  # [1, 1, T, S]
@@ -424,8 +496,12 @@ class Llama(nn.Module):
 # ----------------------------------------------------------------------------- generation
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. temperature 0 is greedy; top_p < 1 is nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -479,7 +555,17 @@ def generate(
 
 
 __all__ = [
-    "FLAVORS", "Llama", "LlamaConfig", "RopeScaling", "RMSNorm", "KVCache",
-    "apply_rope", "document_causal_mask", "document_positions", "generate",
-    "rope_cos_sin", "rope_inverse_frequencies", "sample_next_token",
+    "FLAVORS",
+    "Llama",
+    "LlamaConfig",
+    "RopeScaling",
+    "RMSNorm",
+    "KVCache",
+    "apply_rope",
+    "document_causal_mask",
+    "document_positions",
+    "generate",
+    "rope_cos_sin",
+    "rope_inverse_frequencies",
+    "sample_next_token",
 ]

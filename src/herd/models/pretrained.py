@@ -36,7 +36,9 @@ def _rope_from_hf(hf: dict, where: Path) -> tuple[float, RopeScaling | None]:
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise ConfigError(f"{where}: rope_type {rope_type!r} is not supported; herd implements 'llama3'.")
+        raise ConfigError(
+            f"{where}: rope_type {rope_type!r} is not supported; herd implements 'llama3'."
+        )
     try:
         return theta, RopeScaling(
             factor=float(scaling["factor"]),
@@ -73,9 +75,13 @@ def config_from_hf(path: Path) -> LlamaConfig:
         raise ConfigError(f"{where}: missing the key {exc.args[0]!r}.") from exc
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim != cfg.head_dim:
-        raise ConfigError(f"{where}: head_dim {head_dim} differs from hidden_size / num_attention_heads.")
+        raise ConfigError(
+            f"{where}: head_dim {head_dim} differs from hidden_size / num_attention_heads."
+        )
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError(f"{where}: biased attention/MLP projections are not Llama 3 and not supported.")
+        raise ConfigError(
+            f"{where}: biased attention/MLP projections are not Llama 3 and not supported."
+        )
     return cfg
 
 
@@ -83,8 +89,13 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling:
         s = cfg.rope_scaling
-        rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_seq_len)
+        rope.update(
+            rope_type="llama3",
+            factor=s.factor,
+            low_freq_factor=s.low_freq_factor,
+            high_freq_factor=s.high_freq_factor,
+            original_max_position_embeddings=s.original_max_seq_len,
+        )
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if cfg.rope_scaling else None
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -125,12 +136,18 @@ def config_from_meta(path: Path, vocab_size: int) -> LlamaConfig:
         ffn = _meta_ffn_dim(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier"))
         scaled = bool(p.get("use_scaled_rope", False))
         return LlamaConfig(
-            dim=dim, n_layers=p["n_layers"], n_heads=p["n_heads"],
+            dim=dim,
+            n_layers=p["n_layers"],
+            n_heads=p["n_heads"],
             n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
             vocab_size=p.get("vocab_size", -1) if p.get("vocab_size", -1) > 0 else vocab_size,
-            ffn_dim=ffn, norm_eps=p.get("norm_eps", 1e-5), rope_theta=float(p.get("rope_theta", 500_000.0)),
+            ffn_dim=ffn,
+            norm_eps=p.get("norm_eps", 1e-5),
+            rope_theta=float(p.get("rope_theta", 500_000.0)),
             max_seq_len=131_072 if scaled else 8192,
-            rope_scaling=RopeScaling(factor=float(p.get("rope_scaling_factor", 8.0))) if scaled else None,
+            rope_scaling=RopeScaling(factor=float(p.get("rope_scaling_factor", 8.0)))
+            if scaled
+            else None,
             flavor=f"meta:{path.name}",
         )
     except KeyError as exc:
@@ -164,7 +181,9 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(state))
         if missing:
-            raise ConfigError(f"{HF_INDEX} lists {missing[0]} (and {len(missing) - 1} more) that no shard holds.")
+            raise ConfigError(
+                f"{HF_INDEX} lists {missing[0]} (and {len(missing) - 1} more) that no shard holds."
+            )
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
@@ -184,7 +203,17 @@ META_NAMES = {
     "layers.{i}.ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
 }
 # Model-parallel shards of Meta checkpoints split these along the given dim (others are replicated).
-META_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
+META_SHARD_DIM = {
+    "tok_embeddings": 1,
+    "output": 0,
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "wo": 1,
+    "w1": 0,
+    "w3": 0,
+    "w2": 1,
+}
 
 
 def _meta_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -204,22 +233,31 @@ def _read_meta_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             parts.append(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
         except Exception as exc:  # pickle and zip errors have many types
-            raise ConfigError(f"Shard {shard} could not be read as weights ({type(exc).__name__}): {exc}") from exc
+            raise ConfigError(
+                f"Shard {shard} could not be read as weights ({type(exc).__name__}): {exc}"
+            ) from exc
     if len(parts) == 1:
         return parts[0]
     merged = {}
     for name in parts[0]:
         kind = name.split(".")[-2]
         dim = META_SHARD_DIM.get(kind)
-        merged[name] = parts[0][name] if dim is None else torch.cat([p[name] for p in parts], dim=dim)
+        merged[name] = (
+            parts[0][name] if dim is None else torch.cat([p[name] for p in parts], dim=dim)
+        )
     return merged
 
 
 def _rename_meta(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    patterns = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in META_NAMES.items()]
+    patterns = [
+        (re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v)
+        for k, v in META_NAMES.items()
+    ]
     out = {}
     for name, tensor in state.items():
-        if name == "rope.freqs":  # some releases store the (unscaled) frequencies; herd computes them
+        if (
+            name == "rope.freqs"
+        ):  # some releases store the (unscaled) frequencies; herd computes them
             continue
         for pattern, target in patterns:
             m = pattern.match(name)
@@ -239,13 +277,17 @@ def _rename_meta(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, 
 # ----------------------------------------------------------------------------- load / save
 
 
-def _assign(cfg: LlamaConfig, state: dict[str, torch.Tensor], source: Path, dtype: torch.dtype | None) -> Llama:
+def _assign(
+    cfg: LlamaConfig, state: dict[str, torch.Tensor], source: Path, dtype: torch.dtype | None
+) -> Llama:
     with torch.device("meta"):
         model = Llama(cfg)
     expected = model.state_dict()
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    missing = sorted(
+        set(expected) - set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    )
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         culprit = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
@@ -269,7 +311,9 @@ def _assign(cfg: LlamaConfig, state: dict[str, torch.Tensor], source: Path, dtyp
     return model
 
 
-def load_pretrained_llama(path: str | Path, dtype: torch.dtype | None = None, vocab_size: int | None = None) -> Llama:
+def load_pretrained_llama(
+    path: str | Path, dtype: torch.dtype | None = None, vocab_size: int | None = None
+) -> Llama:
     """A Llama 3.x checkpoint directory (Hugging Face or Meta layout) as a herd `Llama`.
 
     `dtype` casts the weights (default: as stored). Meta checkpoints whose params.json has no
@@ -283,10 +327,14 @@ def load_pretrained_llama(path: str | Path, dtype: torch.dtype | None = None, vo
     elif (path / "params.json").is_file():
         state = _read_meta_weights(path)
         emb = state.get("tok_embeddings.weight")
-        cfg = config_from_meta(path, vocab_size or (emb.shape[0] * 1 if emb is not None else 128_256))
+        cfg = config_from_meta(
+            path, vocab_size or (emb.shape[0] * 1 if emb is not None else 128_256)
+        )
         state = _rename_meta(state, cfg)
     else:
-        raise ConfigError(f"{path} holds neither config.json (Hugging Face) nor params.json (Meta).")
+        raise ConfigError(
+            f"{path} holds neither config.json (Hugging Face) nor params.json (Meta)."
+        )
     return _assign(cfg, state, path, dtype)
 
 
@@ -321,5 +369,7 @@ def save_hf_checkpoint(model: Llama, path: str | Path, max_shard_bytes: int | No
         save_file(shard, path / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (path / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / HF_INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return path

@@ -62,7 +62,10 @@ class HerdSystem(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         cls = type(self)
-        checkpoint["herd"] = {"version": herd.__version__, "system": f"{cls.__module__}.{cls.__qualname__}"}
+        checkpoint["herd"] = {
+            "version": herd.__version__,
+            "system": f"{cls.__module__}.{cls.__qualname__}",
+        }
 
 
 def load_system(path: str | Path, map_location: str = "cpu") -> HerdSystem:
@@ -73,7 +76,9 @@ def load_system(path: str | Path, map_location: str = "cpu") -> HerdSystem:
     try:
         header = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise ConfigError(f"Checkpoint {path} could not be read ({type(exc).__name__}): {exc}") from exc
+        raise ConfigError(
+            f"Checkpoint {path} could not be read ({type(exc).__name__}): {exc}"
+        ) from exc
     qualname = header.get("herd", {}).get("system") if isinstance(header, dict) else None
     if not qualname or not qualname.startswith("herd.systems."):
         raise ConfigError(f"Checkpoint {path} was not written by a herd system (no 'herd' entry).")

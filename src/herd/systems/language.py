@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torchmetrics import MeanMetric
 
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
-from herd.models.llama import Llama, LlamaConfig, generate
+from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate
+from herd.models.pretrained import load_pretrained_llama
 from herd.systems.common import HerdSystem, build_optimization, grad_norm, plain
 from herd.systems.losses import chunked_cross_entropy
 
@@ -24,6 +26,8 @@ class LanguageSystem(HerdSystem):
         optimizer: `_partial_` optimizer config (weight_decay applies to matrices only).
         scheduler: `_partial_` scheduler config called with (optimizer, total_steps=...).
         loss_chunk_size: tokens per chunk of the output projection + cross-entropy.
+        pretrained: a Llama 3.x checkpoint directory (Hugging Face or Meta layout) to start
+            from; its own architecture and RoPE settings are kept, the context follows `llama`.
     """
 
     def __init__(
@@ -33,28 +37,57 @@ class LanguageSystem(HerdSystem):
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         loss_chunk_size: int = 1024,
+        pretrained: str | None = None,
     ):
         super().__init__()
         llama, optimizer, scheduler = plain(llama), plain(optimizer), plain(scheduler)
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
-        overrides = dict(llama)
-        flavor = overrides.pop("flavor")
-        if overrides.get("vocab_size") is None:
-            overrides["vocab_size"] = self.tokenizer.vocab_size
-        config = LlamaConfig.from_flavor(flavor, **overrides)
-        if self.tokenizer.vocab_size > config.vocab_size:
+        if pretrained:
+            self.model = self._load_pretrained(pretrained, llama)
+            # Checkpoints of this run rebuild the architecture from the resolved config and
+            # take the weights from their own state dict, not from the pretrained directory.
+            self.hparams.llama = self.model.config.to_dict()
+            self.hparams.pretrained = None
+        else:
+            self.model = Llama(self._config(llama))
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise ConfigError(
                 f"Tokenizer {tokenizer!r} has {self.tokenizer.vocab_size} tokens but the model's "
-                f"vocab_size is {config.vocab_size}; set model.llama.vocab_size=null to follow the tokenizer."
+                f"vocab_size is {self.model.config.vocab_size}; use the model's own tokenizer "
+                "(or model.llama.vocab_size=null to follow the tokenizer)."
             )
-        self.model = Llama(config)
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+
+    def _config(self, llama: dict) -> LlamaConfig:
+        """A named flavor with overrides, or a complete config (as saved by a fine-tuning run)."""
+        fields = dict(llama)
+        if fields.get("vocab_size") is None:
+            fields["vocab_size"] = self.tokenizer.vocab_size
+        if fields.get("flavor") in FLAVORS:
+            return LlamaConfig.from_flavor(fields.pop("flavor"), **fields)
+        return LlamaConfig(**fields)
+
+    @staticmethod
+    def _load_pretrained(path: str, llama: dict) -> Llama:
+        """A real checkpoint, trained at the context this run asks for (or longer)."""
+        model = load_pretrained_llama(path)
+        wanted = llama.get("max_seq_len")
+        if wanted and wanted > model.config.max_seq_len:
+            raise ConfigError(
+                f"context of {wanted} tokens is longer than the {model.config.max_seq_len} that "
+                f"{path} supports; pick a shorter context=."
+            )
+        if wanted:
+            model.config = replace(model.config, max_seq_len=wanted)
+        return model
 
     # -- steps ------------------------------------------------------------------------------
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.hidden_states(batch["input_ids"], doc_ids=batch.get("doc_ids"))  # [B, T, D]
+        hidden = self.model.hidden_states(
+            batch["input_ids"], doc_ids=batch.get("doc_ids")
+        )  # [B, T, D]
         return chunked_cross_entropy(
             hidden, self.model.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size
         )
@@ -95,14 +128,18 @@ class LanguageSystem(HerdSystem):
     # -- inference --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate_text(self, prompts: list[list[int]], max_new_tokens: int = 48, **sampling) -> list[str]:
+    def generate_text(
+        self, prompts: list[list[int]], max_new_tokens: int = 48, **sampling
+    ) -> list[str]:
         """Continue each prompt (token ids) and return prompt + continuation as text."""
         was_training = self.model.training
         self.model.eval()
         out = []
         for ids in prompts:
             tokens = torch.tensor([ids], device=self.device)
-            result = generate(self.model, tokens, max_new_tokens, eos_id=self.tokenizer.eos_id, **sampling)
+            result = generate(
+                self.model, tokens, max_new_tokens, eos_id=self.tokenizer.eos_id, **sampling
+            )
             out.append(self.tokenizer.decode(result[0].tolist()))
         self.model.train(was_training)
         return out

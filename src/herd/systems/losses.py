@@ -15,7 +15,9 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _chunk_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     logits = hidden @ weight.t()  # [C, V]
     # bf16/fp16 logits are upcast: the softmax over a large vocabulary needs fp32.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -9,7 +9,11 @@ from omegaconf import DictConfig
 from herd.errors import ConfigError
 
 GPU_ONLY_STRATEGIES = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}
-GPU_ONLY_PRECISIONS = {"16-mixed": "fp16_mixed", "16-true": "fp16 true", "transformer-engine": "fp8"}
+GPU_ONLY_PRECISIONS = {
+    "16-mixed": "fp16_mixed",
+    "16-true": "fp16 true",
+    "transformer-engine": "fp8",
+}
 
 
 def _name(option) -> str:

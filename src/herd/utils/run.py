@@ -45,7 +45,9 @@ def hparams_of(cfg: DictConfig) -> dict:
     params: dict = {}
     if HydraConfig.initialized():
         choices = HydraConfig.get().runtime.choices
-        params.update({f"choice/{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")})
+        params.update(
+            {f"choice/{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")}
+        )
     container = OmegaConf.to_container(cfg, resolve=True)
     for section in HPARAM_SECTIONS:
         if section in container:
@@ -55,13 +57,21 @@ def hparams_of(cfg: DictConfig) -> dict:
 
 def _drop_instantiation_keys(value):
     if isinstance(value, dict):
-        return {k: _drop_instantiation_keys(v) for k, v in value.items() if k not in ("_target_", "_partial_")}
+        return {
+            k: _drop_instantiation_keys(v)
+            for k, v in value.items()
+            if k not in ("_target_", "_partial_")
+        }
     return value
 
 
 def log_hparams(loggers, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
-    """One HParams session per run holding the final metrics, so sweeps compare side by side."""
+    """One HParams session per run holding the final metrics, so sweeps compare side by side.
+
+    The HParams tab reads metric values from scalars; they are written once more under
+    `final/...` so that the training curves themselves get no extra point."""
+    final = {f"final/{k}": v for k, v in metrics.items()}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(hparams_of(cfg), metrics=metrics, step=step)
+            logger.log_hyperparams(hparams_of(cfg), metrics=final, step=step)
             logger.experiment.flush()
