@@ -126,3 +126,46 @@ def test_sample_prompts_come_from_held_out_documents():
     assert len(prompts) == 3 and all(len(p) == 8 and p[0] == dm.tokenizer.bos_id for p in prompts)
     assert all(isinstance(t, int) for t in prompts[0])
     assert torch.is_tensor(dm.datasets["val"][0]["input_ids"])
+
+
+def write_tiktoken_model(path):
+    """A small tokenizer.model in Meta's format: all bytes plus merges for 'th' and 'the'."""
+    import base64
+
+    ranks = [bytes([i]) for i in range(256)] + [b"th", b"the"]
+    path.write_text(
+        "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for rank, tok in enumerate(ranks))
+    )
+    return path
+
+
+def test_meta_tokenizer_model_with_llama3_special_ids(tmp_path):
+    tok = load_tokenizer(str(write_tiktoken_model(tmp_path / "tokenizer.model")))
+    assert tok.vocab_size == 258 + 256
+    # Llama 3's layout after the BPE ranks (128000 + k in the release)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eot_id) == (258, 259, 262, 267)
+    assert tok.special_ids["<|start_header_id|>"] == 264
+    assert tok.encode("the") == [257]
+    text = "the other theme"
+    assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
+    assert load_tokenizer(str(tmp_path)).vocab_size == tok.vocab_size  # a directory works too
+
+
+@pytest.mark.parametrize("spec", ["herd_bpe", "bytes"])
+def test_llama3_chat_format(spec):
+    tok = load_tokenizer(spec)
+    ids = tok.encode_chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
+    s = tok.special_ids
+    assert ids[0] == tok.bos_id
+    assert ids.count(s["<|start_header_id|>"]) == 3 and ids.count(tok.eot_id) == 2
+    assert ids[-len(tok.encode("\n\n")) - 1] == s["<|end_header_id|>"]
+    assert tok.decode(ids) == "system\n\nBe brief.user\n\nHiassistant\n\n"
+
+
+def test_corrupt_tokenizer_model_is_named(tmp_path):
+    bad = tmp_path / "tokenizer.model"
+    bad.write_text("not base64 at all\n")
+    with pytest.raises(ConfigError, match="tokenizer.model is not a tiktoken BPE file"):
+        load_tokenizer(str(bad))

@@ -183,3 +183,56 @@ def test_bad_checkpoints_name_the_file_and_key(tmp_path):
 
     with pytest.raises(ConfigError, match="does not exist"):
         load_pretrained_llama(tmp_path / "nowhere")
+
+
+def tiny_hf_checkpoint_with_tokenizer(path):
+    """A random Llama with herd's bundled tokenizer, saved as a Hugging Face directory."""
+    from importlib.resources import files
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=160,
+        vocab_size=4096,
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    (path / "tokenizer.json").write_bytes(
+        (files("herd.assets") / "tokenizers" / "python_docs_bpe_4k.json").read_bytes()
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_full_finetuning_through_hydra_then_export_to_transformers(train_cfg, tmp_path):
+    from herd.export import export
+    from herd.systems.common import load_system
+    from herd.train import train
+
+    ckpt_dir = tiny_hf_checkpoint_with_tokenizer(tmp_path / "tiny-llama")
+    cfg = train_cfg(
+        "experiment=language_finetune",
+        f"pretrained={ckpt_dir}",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=15",
+        "model.optimizer.lr=3e-3",
+        "model.scheduler.warmup_steps=5",
+    )
+    metrics = train(cfg)
+    assert metrics["val/loss"] < 7.0  # from ln(4096) = 8.3 at random init
+
+    last = f"{cfg.paths.output_dir}/checkpoints/last.ckpt"
+    system = load_system(last)  # rebuilt from the saved config, not from ckpt_dir
+    assert system.hparams.pretrained is None and system.model.config.dim == 64
+
+    out = export(last, tmp_path / "exported")
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, 4096, (1, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(tokens).logits, system.model.eval()(tokens), atol=1e-4, rtol=1e-4
+        )
+    assert (out / "tokenizer.json").is_file()

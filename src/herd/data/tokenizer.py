@@ -4,7 +4,10 @@
   embedded English corpus and shipped in `herd/assets/tokenizers/` (regenerate with
   `python -m herd.data.tokenizer`).
 - `bytes`: UTF-8 bytes plus the special tokens; needs no file.
-- a path to any Hugging Face `tokenizer.json`.
+- a path to a Hugging Face `tokenizer.json`, to Meta's `tokenizer.model` (tiktoken BPE
+  ranks), or to a checkpoint directory holding either.
+
+Every tokenizer speaks the Llama 3 chat format (`encode_chat`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,27 @@ SPECIAL_TOKENS = [
     "<|speech|>",
 ]
 BUNDLED = {"herd_bpe": "python_docs_bpe_4k.json"}
+
+# Meta's tokenizer.model: the pre-tokenisation pattern and the layout of the 256 special ids
+# that follow the BPE ranks, as published with Llama 3.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL = 256
+LLAMA3_SPECIAL_NAMES = [
+    BOS,
+    EOS,
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    PAD,
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    EOT,
+    "<|python_tag|>",
+]
 
 
 class Tokenizer:
@@ -63,6 +87,19 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         return self.special_ids[PAD]
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Llama 3 chat format:
+        <|begin_of_text|>(<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>)*
+        followed, for generation, by an open assistant header."""
+        start, end = self.special_ids["<|start_header_id|>"], self.special_ids["<|end_header_id|>"]
+        ids = [self.bos_id]
+        for message in messages:
+            ids += [start, *self._encode(message["role"]), end, *self._encode("\n\n")]
+            ids += [*self._encode(message["content"].strip()), self.eot_id]
+        if add_generation_prompt:
+            ids += [start, *self._encode("assistant"), end, *self._encode("\n\n")]
+        return ids
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -117,13 +154,58 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(ids, skip_special_tokens=False)
 
 
+class TiktokenTokenizer(Tokenizer):
+    """Meta's `tokenizer.model` (base64 token, rank per line) run by tiktoken, with Llama 3's
+    256 special ids after the ranks."""
+
+    def __init__(self, path: str | Path) -> None:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        path = Path(path)
+        try:
+            ranks = load_tiktoken_bpe(str(path))
+        except Exception as exc:  # binascii/ValueError for a file that is not BPE ranks
+            raise ConfigError(f"Tokenizer file {path} is not a tiktoken BPE file: {exc}") from exc
+        n = len(ranks)
+        names = LLAMA3_SPECIAL_NAMES + [
+            f"<|reserved_special_token_{i}|>"
+            for i in range(3, 3 + LLAMA3_NUM_SPECIAL - len(LLAMA3_SPECIAL_NAMES))
+        ]
+        self.special_ids = {name: n + i for i, name in enumerate(names)}
+        self._enc = tiktoken.Encoding(
+            name=path.stem,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_ids,
+        )
+        self.vocab_size = n + LLAMA3_NUM_SPECIAL
+        self.path = path
+
+    def _encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, disallowed_special=())
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids)
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-    """`herd_bpe`, `bytes`, or a path to a tokenizer.json."""
+    """`herd_bpe`, `bytes`, a tokenizer.json / tokenizer.model, or a directory holding one."""
     if spec == "bytes":
         return ByteTokenizer()
     if spec in BUNDLED:
         return HFTokenizer(Path(str(files("herd.assets") / "tokenizers" / BUNDLED[spec])))
-    return HFTokenizer(spec)
+    path = Path(spec)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise ConfigError(f"Directory {path} holds neither tokenizer.json nor tokenizer.model.")
+    if path.suffix == ".model":
+        return TiktokenTokenizer(path)
+    return HFTokenizer(path)
 
 
 def train_bpe(texts, vocab_size: int):

@@ -1,0 +1,60 @@
+"""herd-export CKPT OUT_DIR: a trained herd language checkpoint as a Hugging Face Llama
+directory (config.json, safetensors, and the tokenizer file) that
+`transformers.LlamaForCausalLM.from_pretrained(OUT_DIR)` loads unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from herd.data.tokenizer import HFTokenizer, TiktokenTokenizer
+from herd.errors import ConfigError, HerdError
+from herd.models.pretrained import save_hf_checkpoint
+from herd.systems.common import load_system
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_mb: int | None = None) -> Path:
+    system = load_system(ckpt)
+    model = getattr(system, "model", None)
+    if model is None or not hasattr(model, "config"):
+        raise ConfigError(f"Checkpoint {ckpt} holds no language model to export.")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(
+            f"Output directory {out} is not empty; choose a new one (nothing was overwritten)."
+        )
+    model = model.to(DTYPES[dtype])
+    save_hf_checkpoint(model, out, max_shard_bytes=max_shard_mb * 2**20 if max_shard_mb else None)
+    tokenizer = system.tokenizer
+    if isinstance(tokenizer, HFTokenizer):
+        shutil.copyfile(tokenizer.path, out / "tokenizer.json")
+    elif isinstance(tokenizer, TiktokenTokenizer):
+        shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="herd-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("ckpt", type=Path, help="a herd checkpoint (.ckpt) of a language system")
+    parser.add_argument("out", type=Path, help="the new Hugging Face directory")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument(
+        "--max-shard-mb", type=int, default=None, help="split weights into shards of this size"
+    )
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.ckpt, args.out, args.dtype, args.max_shard_mb)
+    except HerdError as exc:
+        print(f"herd-export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
