@@ -86,7 +86,7 @@ def main():
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--impls", default="herd,transformers")

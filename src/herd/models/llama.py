@@ -356,13 +356,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)  # [B, K, S, Hd]
-        # Each key/value head serves H/K query heads. Expanding explicitly keeps SDPA on its
-        # fused kernels (the enable_gqa path falls back to the math kernel with a mask on CPU).
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)  # [B, H, S, Hd]
-            v = v.repeat_interleave(groups, dim=1)  # [B, H, S, Hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # Each key/value head serves H/K query heads; SDPA broadcasts them (enable_gqa) without
+        # materialising repeated keys and values.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+        )  # [B, H, T, Hd]
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*Hd]
         return self.o_proj(out)  # [B, T, D]
 

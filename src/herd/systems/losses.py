@@ -1,27 +1,64 @@
 """Memory-lean causal-LM loss.
 
 At long context the logits dwarf everything else (8192 tokens x 128256 vocab = 4.2 GB in
-fp32), so the loss is computed from the final hidden states a chunk of tokens at a time.
-Each chunk runs under activation checkpointing: its logits are freed after the forward and
-recomputed during backward, so at most one chunk of logits is alive at any moment.
+fp32), so the loss is computed from the final hidden states a chunk of tokens at a time,
+and the gradients are computed in the same pass: each chunk's logits are turned into their
+contributions to d(loss)/d(hidden) and d(loss)/d(weight) and freed at once. Backward then
+only scales those two tensors, so at most one chunk of logits is ever alive and no matmul is
+recomputed.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    logits = hidden @ weight.t()  # [C, V]
-    # bf16/fp16 logits are upcast: the softmax over a large vocabulary needs fp32.
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over valid tokens of CE(hidden @ weight.T, labels) / n_valid, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int):
+        # hidden [N, D], weight [V, D], labels [N]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        grad_hidden = torch.zeros_like(hidden) if want_h else None  # [N, D]
+        grad_weight = torch.zeros_like(weight) if want_w else None  # [V, D]
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
+            logits = h @ weight.t()  # [C, V]
+            # bf16/fp16 logits are upcast: the softmax over a large vocabulary needs fp32.
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            valid = y != IGNORE_INDEX  # [C]
+            target = y.clamp(min=0)
+            lse = logits.logsumexp(dim=-1)  # [C]
+            target_logit = logits.gather(1, target[:, None]).squeeze(1)  # [C]
+            total = total + ((lse - target_logit) * valid).sum()
+            if want_h or want_w:
+                # d CE / d logits = softmax - onehot, for valid rows, over the token count
+                grad_logits = (logits - lse[:, None]).exp_()  # [C, V], reuses no other buffer
+                grad_logits[torch.arange(len(y), device=y.device), target] -= 1
+                grad_logits *= (valid / n_valid).to(grad_logits.dtype)[:, None]
+                grad_logits = grad_logits.to(h.dtype)
+                if want_h:
+                    grad_hidden[start : start + chunk_size] = grad_logits @ weight  # [C, D]
+                if want_w:
+                    grad_weight += grad_logits.t() @ h  # [V, D]
+            del logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
+            None,
+            None,
+        )
 
 
 def chunked_cross_entropy(
@@ -34,11 +71,5 @@ def chunked_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
     labels = labels.reshape(-1)  # [N]
     n_tokens = (labels != IGNORE_INDEX).sum()
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_loss_sum, h, weight, y, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(h, weight, y)
-    return total / n_tokens.clamp(min=1), n_tokens
+    loss = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+    return loss, n_tokens
