@@ -49,6 +49,7 @@ def test_short_real_training_run_learns_and_leaves_a_complete_run_dir(train_cfg)
     acc, values = scalars(run_dir)
     for tag in (
         "train/loss",
+        "train/lr",
         "val/loss",
         "val/ppl",
         "train/grad_norm",
@@ -56,7 +57,7 @@ def test_short_real_training_run_learns_and_leaves_a_complete_run_dir(train_cfg)
         "test/loss",
     ):
         assert values.get(tag), f"{tag} missing from TensorBoard"
-    assert any(tag.startswith("lr-") for tag in values)
+    assert values["train/lr"][-1] < max(values["train/lr"])  # warmup, then cosine decay
     assert values["train/loss"][-1] < values["train/loss"][0] - 1.0
     samples = acc.Tensors("samples/text/text_summary")
     assert len(samples) == 3  # one per validation

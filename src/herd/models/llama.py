@@ -359,7 +359,12 @@ class Attention(nn.Module):
         # Each key/value head serves H/K query heads; SDPA broadcasts them (enable_gqa) without
         # materialising repeated keys and values.
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.n_heads != self.n_kv_heads,
         )  # [B, H, T, Hd]
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*Hd]
         return self.o_proj(out)  # [B, T, D]

@@ -14,6 +14,7 @@ from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate
 from herd.models.pretrained import load_pretrained_llama
 from herd.systems.common import HerdSystem, build_optimization, grad_norm, plain
 from herd.systems.losses import chunked_cross_entropy
+from herd.systems.techniques import CHECKPOINTING_MODES, apply_training_techniques
 
 
 class LanguageSystem(HerdSystem):
@@ -28,6 +29,8 @@ class LanguageSystem(HerdSystem):
         loss_chunk_size: tokens per chunk of the output projection + cross-entropy.
         pretrained: a Llama 3.x checkpoint directory (Hugging Face or Meta layout) to start
             from; its own architecture and RoPE settings are kept, the context follows `llama`.
+        activation_checkpointing: none | selective | full, per decoder layer.
+        compile: torch.compile each decoder layer.
     """
 
     def __init__(
@@ -38,6 +41,8 @@ class LanguageSystem(HerdSystem):
         scheduler: dict | None = None,
         loss_chunk_size: int = 1024,
         pretrained: str | None = None,
+        activation_checkpointing: str = "none",
+        compile: bool = False,
     ):
         super().__init__()
         llama, optimizer, scheduler = plain(llama), plain(optimizer), plain(scheduler)
@@ -56,6 +61,10 @@ class LanguageSystem(HerdSystem):
                 f"Tokenizer {tokenizer!r} has {self.tokenizer.vocab_size} tokens but the model's "
                 f"vocab_size is {self.model.config.vocab_size}; use the model's own tokenizer "
                 "(or model.llama.vocab_size=null to follow the tokenizer)."
+            )
+        if activation_checkpointing not in CHECKPOINTING_MODES:
+            raise ConfigError(
+                f"activation_checkpointing={activation_checkpointing!r} is unknown; use one of {CHECKPOINTING_MODES}."
             )
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
@@ -82,6 +91,12 @@ class LanguageSystem(HerdSystem):
             model.config = replace(model.config, max_seq_len=wanted)
         return model
 
+    def configure_model(self) -> None:
+        # The one place training techniques touch the model (parallel strategies wrap after).
+        apply_training_techniques(
+            self.model.layers, self.hparams.activation_checkpointing, self.hparams.compile
+        )
+
     # -- steps ------------------------------------------------------------------------------
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +110,7 @@ class LanguageSystem(HerdSystem):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> None:

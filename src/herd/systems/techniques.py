@@ -1,0 +1,72 @@
+"""Training techniques applied to a model's blocks in one place and one order:
+activation checkpointing, then compile (FSDP wrapping, when chosen, follows in the strategy).
+Model code never knows about them, and parameter names do not change, so checkpoints load
+into a model trained with or without them."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+from herd.errors import ConfigError
+
+CHECKPOINTING_MODES = ("none", "selective", "full")
+
+# Selective checkpointing keeps the results of the expensive ops and recomputes the cheap
+# elementwise ones (norms, activations, RoPE) in backward.
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpoint_forward(block: nn.Module, mode: str) -> None:
+    forward = block.forward
+    context_fn = (
+        functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+        if mode == "selective"
+        else None
+    )
+
+    @functools.wraps(forward)
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation and generation: nothing to save
+            return forward(*args, **kwargs)
+        extra = {"context_fn": context_fn} if context_fn else {}
+        return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+
+    block.forward = checkpointed
+
+
+def apply_training_techniques(
+    blocks: nn.ModuleList, activation_checkpointing: str = "none", compile: bool = False
+) -> None:
+    """Checkpoint and/or compile each block of `blocks` in place (idempotent)."""
+    if activation_checkpointing not in CHECKPOINTING_MODES:
+        raise ConfigError(
+            f"activation_checkpointing={activation_checkpointing!r} is unknown; use one of {CHECKPOINTING_MODES}."
+        )
+    for block in blocks:
+        if getattr(block, "_herd_techniques", None):
+            continue
+        if activation_checkpointing != "none":
+            _checkpoint_forward(block, activation_checkpointing)
+        if compile:
+            block.compile()
+        block._herd_techniques = (activation_checkpointing, compile)
