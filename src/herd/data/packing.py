@@ -9,34 +9,27 @@ is ignored.
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import torch
 
 from herd.systems.losses import IGNORE_INDEX
 
 
-def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """-> {"input_ids", "labels", "doc_ids"}, each [N, seq_len] int64.
+def rows_from_stream(
+    tokens: torch.Tensor, doc_of: torch.Tensor, seq_len: int
+) -> dict[str, torch.Tensor]:
+    """tokens, doc_of [n_rows * seq_len + 1] -> {"input_ids", "labels", "doc_ids"} [n_rows, seq_len].
 
-    Row r holds stream tokens r*seq_len .. (r+1)*seq_len - 1 and predicts the token after
-    each. doc_ids are renumbered from 0 inside every row; padding has doc id -1.
-    """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}.")
-    lengths = torch.tensor([len(d) for d in docs], dtype=torch.int64)
-    stream = torch.tensor([t for d in docs for t in d], dtype=torch.int64)  # [L]
-    doc_of = torch.repeat_interleave(torch.arange(len(docs)), lengths)  # [L]
-    n_rows = max(1, -(-(len(stream) - 1) // seq_len))
-    total = n_rows * seq_len + 1
-    pad = total - len(stream)
-    stream = torch.cat([stream, torch.full((pad,), pad_id, dtype=torch.int64)])
-    doc_of = torch.cat([doc_of, torch.full((pad,), -1, dtype=torch.int64)])
-
-    inputs = stream[:-1].view(n_rows, seq_len)
-    targets = stream[1:].view(n_rows, seq_len)
+    doc_of is -1 on padding. doc_ids are renumbered from 0 inside every row (padding -1), so
+    masks never depend on where a row sits in the corpus."""
+    n_rows = (len(tokens) - 1) // seq_len
+    inputs = tokens[:-1].view(n_rows, seq_len)
+    targets = tokens[1:].view(n_rows, seq_len)
     doc_in = doc_of[:-1].view(n_rows, seq_len)
     doc_next = doc_of[1:].view(n_rows, seq_len)
     labels = targets.masked_fill((doc_in != doc_next) | (doc_next < 0), IGNORE_INDEX)
-    # Local ids 0, 1, ... per row (padding stays -1) so masks never depend on corpus size.
     local = doc_in - doc_in[:, :1]
     doc_ids = torch.where(doc_in < 0, torch.full_like(local, -1), local)
     return {
@@ -44,6 +37,23 @@ def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int) -> dict[str
         "labels": labels.contiguous(),
         "doc_ids": doc_ids.contiguous(),
     }
+
+
+def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """-> {"input_ids", "labels", "doc_ids"}, each [N, seq_len] int64.
+
+    Row r holds stream tokens r*seq_len .. (r+1)*seq_len - 1 and predicts the token after
+    each; the last row is padded."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}.")
+    lengths = torch.tensor([len(d) for d in docs], dtype=torch.int64)
+    stream = torch.tensor([t for d in docs for t in d], dtype=torch.int64)  # [L]
+    doc_of = torch.repeat_interleave(torch.arange(len(docs)), lengths)  # [L]
+    n_rows = max(1, -(-(len(stream) - 1) // seq_len))
+    pad = n_rows * seq_len + 1 - len(stream)
+    stream = torch.cat([stream, torch.full((pad,), pad_id, dtype=torch.int64)])
+    doc_of = torch.cat([doc_of, torch.full((pad,), -1, dtype=torch.int64)])
+    return rows_from_stream(stream, doc_of, seq_len)
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -58,3 +68,76 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.rows.items()}
+
+
+class StagedPackedStream(torch.utils.data.IterableDataset):
+    """Endless packed training batches whose row length grows in stages (context extension).
+
+    `stages` is [(first_step, seq_len), ...]. Every batch holds about `tokens_per_batch`
+    tokens (tokens_per_batch // seq_len rows, at least one), so later stages train on longer,
+    fewer rows. Documents are packed at the current stage's length as the stream reaches
+    them; each pass over the corpus is shuffled with its own seed. The stream position is a
+    function of `step` alone, so setting `step` before iterating resumes exactly.
+    Yields whole batches: use it with DataLoader(batch_size=None).
+    """
+
+    def __init__(
+        self,
+        docs: list[list[int]],
+        stages: list[tuple[int, int]],
+        tokens_per_batch: int,
+        seed: int = 0,
+    ):
+        stages = [(int(first), int(n)) for first, n in stages]
+        if not stages or stages[0][0] != 0:
+            raise ValueError(f"The first context stage must start at step 0, got {stages}.")
+        if any(b[0] <= a[0] for a, b in itertools.pairwise(stages)):
+            raise ValueError(f"Context stages must start at increasing steps, got {stages}.")
+        self.docs, self.stages, self.tokens_per_batch, self.seed = (
+            docs,
+            stages,
+            tokens_per_batch,
+            seed,
+        )
+        self.step = 0
+
+    def seq_len_at(self, step: int) -> int:
+        return [n for first, n in self.stages if first <= step][-1]
+
+    def rows_at(self, step: int) -> int:
+        return max(1, self.tokens_per_batch // self.seq_len_at(step))
+
+    def tokens_before(self, step: int) -> int:
+        """Stream tokens consumed by the batches before `step`."""
+        ends = [first for first, _ in self.stages[1:]] + [step]
+        total = 0
+        for (first, seq_len), end in zip(self.stages, ends, strict=True):
+            steps = max(0, min(step, end) - first)
+            total += steps * max(1, self.tokens_per_batch // seq_len) * seq_len
+        return total
+
+    def _stream(self):
+        """(token, document number) pairs, pass after shuffled pass over the corpus."""
+        number = 0
+        for pass_index in itertools.count():
+            order = list(range(len(self.docs)))
+            random.Random(self.seed * 1_000_003 + pass_index).shuffle(order)
+            for i in order:
+                for token in self.docs[i]:
+                    yield token, number
+                number += 1
+
+    def __iter__(self):
+        stream = self._stream()
+        for _ in itertools.islice(stream, self.tokens_before(self.step)):
+            pass
+        window: list[tuple[int, int]] = []
+        while True:
+            seq_len, rows = self.seq_len_at(self.step), self.rows_at(self.step)
+            need = rows * seq_len + 1  # the last token is only a label; it opens the next batch
+            window += itertools.islice(stream, need - len(window))
+            tokens = torch.tensor([t for t, _ in window], dtype=torch.int64)
+            doc_of = torch.tensor([d for _, d in window], dtype=torch.int64)
+            yield rows_from_stream(tokens, doc_of, seq_len)
+            window = window[rows * seq_len :]
+            self.step += 1

@@ -7,9 +7,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from herd.data.corpus import CORPORA, read_text_manifest, split_documents
-from herd.data.packing import PackedDataset
+from herd.data.packing import PackedDataset, StagedPackedStream
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
+from herd.systems.common import plain
 from herd.systems.losses import IGNORE_INDEX
 
 
@@ -26,8 +27,10 @@ class TextDataModule(L.LightningDataModule):
         skip_bad_samples: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        context_stages: list | None = None,
     ):
         super().__init__()
+        context_stages = plain(context_stages)  # checkpoints must load with weights_only=True
         self.save_hyperparameters()
         if source not in (*CORPORA, "manifest"):
             raise ConfigError(
@@ -35,7 +38,15 @@ class TextDataModule(L.LightningDataModule):
             )
         if source == "manifest" and not manifest:
             raise ConfigError("data.source=manifest needs data.manifest=PATH to a JSONL file.")
+        if context_stages:
+            too_long = [n for _, n in context_stages if n > seq_len]
+            if too_long:
+                raise ConfigError(
+                    f"data.context_stages reach {max(too_long)} tokens, beyond the context of {seq_len}; "
+                    "pick a context= at least as long as the last stage."
+                )
         self.tokenizer = load_tokenizer(tokenizer)
+        self.train_stream: StagedPackedStream | None = None
         self.datasets: dict[str, PackedDataset] = {}
         self.documents: dict[str, list[list[int]]] = {}
 
@@ -75,7 +86,20 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        hp = self.hparams
+        if not hp.context_stages:
+            return self._loader("train", shuffle=True)
+        # Staged context extension: batches of batch_size x seq_len tokens, in rows whose length
+        # follows the stages. A resumed run continues the stream at its restored step.
+        self.train_stream = StagedPackedStream(
+            self.documents["train"],
+            [tuple(s) for s in hp.context_stages],
+            hp.batch_size * hp.seq_len,
+            hp.seed,
+        )
+        if self.trainer is not None:
+            self.train_stream.step = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return DataLoader(self.train_stream, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

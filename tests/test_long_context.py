@@ -1,0 +1,129 @@
+"""Staged context extension and passkey retrieval."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from herd.callbacks.passkey import PasskeyRetrieval, passkey_accuracy
+from herd.data.packing import StagedPackedStream
+from herd.data.passkey import make_passkey_sample
+from herd.data.tokenizer import load_tokenizer
+from herd.models.llama import Llama, LlamaConfig
+from herd.systems.losses import IGNORE_INDEX
+from herd.train import train
+
+DOCS = [[100 + i] * (5 + i % 17) for i in range(200)]
+
+
+def test_stream_grows_rows_at_the_configured_steps():
+    stream = StagedPackedStream(DOCS, [(0, 16), (3, 32), (5, 64)], tokens_per_batch=64)
+    batches = [b for b, _ in zip(stream, range(7), strict=False)]
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(4, 16)] * 3 + [(2, 32)] * 2 + [
+        (1, 64)
+    ] * 2
+    for b in batches:  # labels never cross documents
+        crossing = b["doc_ids"][:, :-1] != b["doc_ids"][:, 1:]
+        assert (b["labels"][:, :-1][crossing] == IGNORE_INDEX).all()
+
+
+def test_stream_resumes_exactly_mid_schedule():
+    full = StagedPackedStream(DOCS, [(0, 16), (3, 32), (5, 64)], tokens_per_batch=64, seed=3)
+    reference = [b for b, _ in zip(full, range(9), strict=False)]
+    resumed = StagedPackedStream(DOCS, [(0, 16), (3, 32), (5, 64)], tokens_per_batch=64, seed=3)
+    resumed.step = 4
+    for expected, got in zip(reference[4:], resumed, strict=False):
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_bad_stages_are_refused():
+    with pytest.raises(ValueError, match="must start at step 0"):
+        StagedPackedStream(DOCS, [(2, 16)], 64)
+    with pytest.raises(ValueError, match="increasing steps"):
+        StagedPackedStream(DOCS, [(0, 16), (0, 32)], 64)
+
+
+def context_lengths(run_dir: Path) -> list[float]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("train/context_len")]
+
+
+def losses(run_dir: Path) -> list[float]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("train/loss")]
+
+
+@pytest.mark.slow
+def test_staged_training_run_logs_the_schedule_and_resumes_in_the_right_stage(train_cfg, tmp_path):
+    common = [
+        "context=2k",
+        "data.batch_size=1",
+        "data.context_stages=[[0,512],[4,1024],[7,2048]]",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=5",
+        "trainer.limit_val_batches=1",
+        "test=false",
+        "model.scheduler=null",  # a constant rate: the 5-step run then is a prefix of the 9-step one
+    ]
+    cfg = train_cfg(*common, "trainer.max_steps=9")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    assert context_lengths(run) == [512] * 4 + [1024] * 3 + [2048] * 2
+    uninterrupted = losses(run)
+
+    # the same run, stopped after step 5 and resumed from its checkpoint
+    first = train_cfg(*common, "trainer.max_steps=5")
+    first.paths.output_dir = str(tmp_path / "first")
+    train(first)
+    resumed = train_cfg(
+        *common, "trainer.max_steps=9", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}"
+    )
+    resumed.paths.output_dir = str(tmp_path / "resumed")
+    train(resumed)
+    assert context_lengths(tmp_path / "resumed") == [1024] * 2 + [2048] * 2
+    torch.testing.assert_close(losses(tmp_path / "resumed"), uninterrupted[5:], atol=1e-4, rtol=0)
+
+
+def test_passkey_prompt_has_the_length_and_the_key_at_the_depth():
+    tok = load_tokenizer("herd_bpe")
+    for depth in (0.0, 0.5, 1.0):
+        sample = make_passkey_sample(tok, 300, depth, random.Random(0))
+        assert len(sample.tokens) == 300
+        text = tok.decode(sample.tokens)
+        key = sample.answer.strip()
+        position = text.index(f"pass key is {key}") / len(text)
+        assert abs(position - depth) < 0.15
+        assert text.endswith("What is the pass key? The pass key is")
+
+
+def test_passkey_accuracy_counts_exact_answers():
+    tok = load_tokenizer("herd_bpe")
+    model = Llama(LlamaConfig.from_flavor("tiny", vocab_size=tok.vocab_size))
+    grid = passkey_accuracy(model, tok, [64, 128], [0.0, 1.0], samples_per_cell=2)
+    assert set(grid) == {(64, 0.0), (64, 1.0), (128, 0.0), (128, 1.0)}
+    assert all(v == 0.0 for v in grid.values())  # an untrained model never guesses five digits
+
+
+@pytest.mark.slow
+def test_passkey_callback_writes_metrics_and_heatmap(train_cfg):
+    cfg = train_cfg(
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "+callbacks.passkey._target_=herd.callbacks.PasskeyRetrieval",
+        "+callbacks.passkey.lengths=[128,256,1024]",
+        "+callbacks.passkey.samples_per_cell=1",
+        "+callbacks.passkey.filler=needle",
+    )
+    metrics = train(cfg)
+    assert {"test/passkey_acc@128", "test/passkey_acc@256", "test/passkey_acc"} <= set(metrics)
+    assert "test/passkey_acc@1024" not in metrics  # longer than the 512-token context: skipped
+    assert (Path(cfg.paths.output_dir) / "passkey_heatmap.png").stat().st_size > 1000
+    assert isinstance(PasskeyRetrieval([128]).grid, dict)
