@@ -14,6 +14,7 @@ H query heads, K key/value heads, Hd head dim (D // H), F FFN width, V vocabular
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -286,6 +287,34 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]
 
 
+def document_block_mask(doc_ids: torch.Tensor):
+    """doc_ids [B, T] -> flex_attention BlockMask with the same rule as document_causal_mask.
+    Only blocks that hold an allowed pair are computed, so cost follows the documents' sizes."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
+
+    B, T = doc_ids.shape
+    return create_block_mask(
+        same_document_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda
+    )
+
+
+def _eager_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention  # reference path (CPU: forward only), used by the parity test
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # flex_attention is only fast (and only has a backward) when compiled, on CUDA.
+    return torch.compile(flex_attention, dynamic=False)
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -342,7 +371,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [B, T, D]
         cos: torch.Tensor,  # [B, T, Hd]
         sin: torch.Tensor,  # [B, T, Hd]
-        mask: torch.Tensor | None,  # [B, 1, T, S] bool, or None for plain causal
+        mask,  # [B, 1, T, S] bool, a flex_attention BlockMask, or None for plain causal
         cache_start: int | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -356,16 +385,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)  # [B, K, S, Hd]
-        # Each key/value head serves H/K query heads; SDPA broadcasts them (enable_gqa) without
-        # materialising repeated keys and values.
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )  # [B, H, T, Hd]
+        # Each key/value head serves H/K query heads; both kernels broadcast them (enable_gqa)
+        # without materialising repeated keys and values.
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask: flex path
+            flex = _compiled_flex_attention() if q.is_cuda else _eager_flex_attention()
+            out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)  # [B, H, T, Hd]
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+            )  # [B, H, T, Hd]
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*Hd]
         return self.o_proj(out)  # [B, T, D]
 
@@ -415,6 +444,9 @@ class Llama(nn.Module):
             rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
             persistent=False,
         )
+        # Document-masked attention kernel: "flex" (flex_attention + block mask), "sdpa"
+        # (boolean mask), or "auto": flex on CUDA, SDPA elsewhere (flex has no CPU backward).
+        self.attention_backend = "auto"
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -473,7 +505,13 @@ class Llama(nn.Module):
 
         if doc_ids is not None:
             positions = document_positions(doc_ids)  # [B, T]
-            mask = document_causal_mask(doc_ids)  # [B, 1, T, T]
+            backend = self.attention_backend
+            if backend == "auto":
+                backend = "flex" if tokens.is_cuda else "sdpa"
+            if backend == "flex":
+                mask = document_block_mask(doc_ids)  # BlockMask over [B, T, T]
+            else:
+                mask = document_causal_mask(doc_ids)  # [B, 1, T, T]
         elif cache_start is not None:
             positions = torch.arange(cache_start, cache_start + T, device=tokens.device).expand(
                 B, T
