@@ -23,9 +23,9 @@ LLAMA3_SCALING = {
 }
 
 
-def hf_model(tmp_path, scaled: bool, tied: bool = False, shard: bool = False):
-    """A small random transformers Llama saved with save_pretrained."""
-    cfg = transformers.LlamaConfig(
+def small_hf_config(**overrides):
+    """A transformers LlamaConfig at test size (GQA: 4 heads, 2 KV heads)."""
+    fields = dict(
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -35,9 +35,13 @@ def hf_model(tmp_path, scaled: bool, tied: bool = False, shard: bool = False):
         rms_norm_eps=1e-5,
         max_position_embeddings=256,
         rope_theta=500000.0,
-        rope_scaling=LLAMA3_SCALING if scaled else None,
-        tie_word_embeddings=tied,
     )
+    return transformers.LlamaConfig(**{**fields, **overrides})
+
+
+def hf_model(tmp_path, scaled: bool, tied: bool = False, shard: bool = False):
+    """A small random transformers Llama saved with save_pretrained."""
+    cfg = small_hf_config(rope_scaling=LLAMA3_SCALING if scaled else None, tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial norms, so a swapped norm weight would show
@@ -189,16 +193,7 @@ def tiny_hf_checkpoint_with_tokenizer(path):
     """A random Llama with herd's bundled tokenizer, saved as a Hugging Face directory."""
     from importlib.resources import files
 
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=160,
-        vocab_size=4096,
-        max_position_embeddings=1024,
-        rope_theta=500000.0,
-    )
+    cfg = small_hf_config(vocab_size=4096, max_position_embeddings=1024)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     (path / "tokenizer.json").write_bytes(
         (files("herd.assets") / "tokenizers" / "python_docs_bpe_4k.json").read_bytes()

@@ -191,7 +191,7 @@ FLAVORS: dict[str, LlamaConfig] = {
         tie_embeddings=True,
         flavor="llama3_2_3b",
     ),
-    # ~7M parameters with a 4K vocabulary: trains on 2 CPU cores in minutes.
+    # 6.6M parameters with a 4K vocabulary: trains on 2 CPU cores in minutes.
     "small": LlamaConfig(
         dim=256,
         n_layers=6,
@@ -202,7 +202,7 @@ FLAVORS: dict[str, LlamaConfig] = {
         max_seq_len=2048,
         flavor="small",
     ),
-    # ~1M parameters: unit tests and smoke runs.
+    # ~0.2M parameters (with a 512-token vocabulary): unit tests and smoke runs.
     "tiny": LlamaConfig(
         dim=64,
         n_layers=2,

@@ -14,7 +14,7 @@ from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate
 from herd.models.pretrained import load_pretrained_llama
 from herd.systems.common import HerdSystem, build_optimization, grad_norm, plain
 from herd.systems.losses import chunked_cross_entropy
-from herd.systems.techniques import CHECKPOINTING_MODES, apply_training_techniques
+from herd.systems.techniques import apply_training_techniques, check_checkpointing_mode
 
 
 class LanguageSystem(HerdSystem):
@@ -62,10 +62,7 @@ class LanguageSystem(HerdSystem):
                 f"vocab_size is {self.model.config.vocab_size}; use the model's own tokenizer "
                 "(or model.llama.vocab_size=null to follow the tokenizer)."
             )
-        if activation_checkpointing not in CHECKPOINTING_MODES:
-            raise ConfigError(
-                f"activation_checkpointing={activation_checkpointing!r} is unknown; use one of {CHECKPOINTING_MODES}."
-            )
+        check_checkpointing_mode(activation_checkpointing)  # fail before any training starts
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def _config(self, llama: dict) -> LlamaConfig:

@@ -54,14 +54,18 @@ def _checkpoint_forward(block: nn.Module, mode: str) -> None:
     block.forward = checkpointed
 
 
+def check_checkpointing_mode(mode: str) -> None:
+    if mode not in CHECKPOINTING_MODES:
+        raise ConfigError(
+            f"activation_checkpointing={mode!r} is unknown; use one of {CHECKPOINTING_MODES}."
+        )
+
+
 def apply_training_techniques(
     blocks: nn.ModuleList, activation_checkpointing: str = "none", compile: bool = False
 ) -> None:
     """Checkpoint and/or compile each block of `blocks` in place (idempotent)."""
-    if activation_checkpointing not in CHECKPOINTING_MODES:
-        raise ConfigError(
-            f"activation_checkpointing={activation_checkpointing!r} is unknown; use one of {CHECKPOINTING_MODES}."
-        )
+    check_checkpointing_mode(activation_checkpointing)
     for block in blocks:
         if getattr(block, "_herd_techniques", None):
             continue
