@@ -169,3 +169,14 @@ def test_corrupt_tokenizer_model_is_named(tmp_path):
     bad.write_text("not base64 at all\n")
     with pytest.raises(ConfigError, match="tokenizer.model is not a tiktoken BPE file"):
         load_tokenizer(str(bad))
+
+
+def test_passkey_documents_join_the_training_split_only():
+    plain = TextDataModule(tokenizer="herd_bpe", seq_len=256, source="pydoc")
+    mixed = TextDataModule(tokenizer="herd_bpe", seq_len=256, source="pydoc", passkey_docs=50)
+    plain.setup("fit")
+    mixed.setup("fit")
+    assert len(mixed.documents["train"]) == len(plain.documents["train"]) + 50
+    assert mixed.documents["val"] == plain.documents["val"]
+    text = mixed.tokenizer.decode(mixed.documents["train"][-1])
+    assert "What is the pass key? The pass key is" in text

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from herd.data.corpus import CORPORA, read_text_manifest, split_documents
 from herd.data.packing import PackedDataset, StagedPackedStream
+from herd.data.passkey import passkey_training_texts
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
 from herd.systems.common import plain
@@ -28,6 +31,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         context_stages: list | None = None,
+        passkey_docs: int = 0,
     ):
         super().__init__()
         context_stages = plain(context_stages)  # checkpoints must load with weights_only=True
@@ -61,6 +65,11 @@ class TextDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         splits = split_documents(self._texts(), hp.val_fraction, hp.test_fraction)
+        if hp.passkey_docs:
+            # Retrieval practice mixed into training only, so held-out loss stays plain prose.
+            # Filler on both sides spans up to ~80% of a row (~17 tokens per filler sentence).
+            rng = random.Random(hp.seed)
+            splits["train"] += passkey_training_texts(hp.passkey_docs, rng, max(1, hp.seq_len // 40))
         for name, texts in splits.items():
             self.documents[name] = [self.tokenizer.encode(t, bos=True, eos=True) for t in texts]
             if self.documents[name]:
