@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import hydra
@@ -22,7 +23,9 @@ CONTEXTS = sorted(p.stem for p in (CONFIGS / "context").glob("*.yaml"))
 def instantiate_everything(cfg):
     """What herd-train builds before fit, with the model on the meta device (no memory)."""
     datamodule = hydra.utils.instantiate(cfg.data)
-    with torch.device("meta"):
+    # a fresh model is built on the meta device (no memory); a pretrained one is small here
+    device = contextlib.nullcontext() if cfg.model.get("pretrained") else torch.device("meta")
+    with device:
         system = hydra.utils.instantiate(cfg.model, _recursive_=False)
     callbacks = instantiate_all(cfg.callbacks)
     loggers = instantiate_all(cfg.logger)
@@ -37,7 +40,28 @@ def required_overrides(experiment: str, tmp_path: Path) -> list[str]:
 
         del transformers
         return [f"pretrained={tiny_hf_checkpoint_with_tokenizer(tmp_path / 'ckpt')}"]
+    if experiment == "context_extension":
+        return [f"short_ckpt={small_language_checkpoint(tmp_path / 'short.ckpt')}"]
     return []
+
+
+def small_language_checkpoint(path: Path) -> Path:
+    """A LanguageSystem checkpoint (small flavor, 512 tokens) written as herd-train writes them."""
+    import lightning as L
+
+    from herd.systems.language import LanguageSystem
+
+    system = LanguageSystem(llama={"flavor": "small", "max_seq_len": 512})
+    trainer = L.Trainer(
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.strategy.connect(system)
+    trainer.save_checkpoint(path)
+    return path
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

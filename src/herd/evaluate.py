@@ -6,6 +6,7 @@ herd-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -27,16 +28,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     system = load_system(cfg.ckpt_path)
     model_len = system.model.config.max_seq_len
-    if cfg.data.seq_len > model_len:
+    if cfg.get("extrapolate") and cfg.data.seq_len > model_len:
+        log.warning(
+            "Extrapolating: evaluating a %d-token model at %d tokens.", model_len, cfg.data.seq_len
+        )
+        system.model.config = replace(system.model.config, max_seq_len=cfg.data.seq_len)
+    elif cfg.data.seq_len > model_len:
         raise ConfigError(
             f"context={cfg.context.name} ({cfg.data.seq_len} tokens) is longer than this checkpoint's "
-            f"context of {model_len} tokens; evaluate with a context of at most {model_len}."
+            f"context of {model_len} tokens; evaluate with a context of at most {model_len} "
+            "(or extrapolate=true to measure it beyond its length)."
         )
     with open_dict(cfg):
         cfg.data.tokenizer = system.hparams.tokenizer  # the data must be tokenised as in training
     datamodule = hydra.utils.instantiate(cfg.data)
     loggers = instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=[])
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
     trainer.test(system, datamodule=datamodule)
 
     metrics = final_metrics(trainer.callback_metrics)

@@ -69,7 +69,9 @@ class TextDataModule(L.LightningDataModule):
             # Retrieval practice mixed into training only, so held-out loss stays plain prose.
             # Filler on both sides spans up to ~80% of a row (~17 tokens per filler sentence).
             rng = random.Random(hp.seed)
-            splits["train"] += passkey_training_texts(hp.passkey_docs, rng, max(1, hp.seq_len // 40))
+            splits["train"] += passkey_training_texts(
+                hp.passkey_docs, rng, max(1, hp.seq_len // 40)
+            )
         for name, texts in splits.items():
             self.documents[name] = [self.tokenizer.encode(t, bos=True, eos=True) for t in texts]
             if self.documents[name]:

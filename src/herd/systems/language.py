@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
-from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate
+from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate, rope_inverse_frequencies
 from herd.models.pretrained import load_pretrained_llama
 from herd.systems.common import HerdSystem, build_optimization, grad_norm, plain
 from herd.systems.losses import chunked_cross_entropy
@@ -76,16 +76,29 @@ class LanguageSystem(HerdSystem):
 
     @staticmethod
     def _load_pretrained(path: str, llama: dict) -> Llama:
-        """A real checkpoint, trained at the context this run asks for (or longer)."""
-        model = load_pretrained_llama(path)
-        wanted = llama.get("max_seq_len")
-        if wanted and wanted > model.config.max_seq_len:
+        """A real checkpoint directory (HF / Meta), or a herd language checkpoint (.ckpt).
+
+        The checkpoint's own RoPE scaling is kept. A checkpoint without scaling takes the
+        context's scaling when it has one: that is context extension (Llama 3.1's recipe), and
+        only then may the context be longer than the checkpoint was built for."""
+        if str(path).endswith(".ckpt"):
+            from herd.systems.common import load_system
+
+            model = load_system(path).model
+        else:
+            model = load_pretrained_llama(path)
+        cfg = model.config
+        scaling = cfg.rope_scaling or llama.get("rope_scaling")
+        wanted = llama.get("max_seq_len") or cfg.max_seq_len
+        if wanted > cfg.max_seq_len and scaling is None:
             raise ConfigError(
-                f"context of {wanted} tokens is longer than the {model.config.max_seq_len} that "
-                f"{path} supports; pick a shorter context=."
+                f"context of {wanted} tokens is longer than the {cfg.max_seq_len} that {path} "
+                "supports; pick a shorter context=, or extend it with a context that sets rope_scaling."
             )
-        if wanted:
-            model.config = replace(model.config, max_seq_len=wanted)
+        model.config = replace(cfg, max_seq_len=wanted, rope_scaling=scaling)
+        model.inv_freq = rope_inverse_frequencies(
+            model.config.head_dim, model.config.rope_theta, model.config.rope_scaling
+        )
         return model
 
     def configure_model(self) -> None:
