@@ -180,3 +180,27 @@ def test_passkey_documents_join_the_training_split_only():
     assert mixed.documents["val"] == plain.documents["val"]
     text = mixed.tokenizer.decode(mixed.documents["train"][-1])
     assert "What is the pass key? The pass key is" in text
+
+
+def test_undecodable_manifest_line_is_named_or_skipped(tmp_path):
+    manifest = tmp_path / "latin1.jsonl"
+    manifest.write_bytes(
+        '\ufeff{"text": "first"}\n'.encode() + b'{"text": "caf\xe9"}\n' + b'{"text": "third"}\n'
+    )
+    with pytest.raises(DataError, match="latin1.jsonl, line 2: 'utf-8' codec can't decode"):
+        read_text_manifest(manifest)
+    assert read_text_manifest(manifest, skip_bad=True) == [
+        "first",
+        "third",
+    ]  # BOM on line 1 is fine
+
+
+def test_too_little_training_data_for_one_batch_is_refused(tmp_path):
+    manifest = write_manifest(
+        tmp_path / "tiny.jsonl", [json.dumps({"text": f"short text {i}"}) for i in range(30)]
+    )
+    dm = TextDataModule(
+        tokenizer="bytes", seq_len=512, batch_size=8, source="manifest", manifest=str(manifest)
+    )
+    with pytest.raises(ConfigError, match="fewer than data.batch_size=8"):
+        dm.setup("fit")

@@ -233,3 +233,10 @@ def test_flex_attention_path_matches_the_sdpa_path():
         model.attention_backend = "flex"
         flex = model(tokens, doc_ids=doc_ids)
     torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
+    model = Llama(tiny()).to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32
+    assert torch.equal(model.inv_freq, rope_inverse_frequencies(16, 500000.0, None))

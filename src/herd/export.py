@@ -29,7 +29,8 @@ def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_mb: int | None 
             f"Output directory {out} is not empty; choose a new one (nothing was overwritten)."
         )
     model = model.to(DTYPES[dtype])
-    save_hf_checkpoint(model, out, max_shard_bytes=max_shard_mb * 2**20 if max_shard_mb else None)
+    max_bytes = max_shard_mb * 2**20 if max_shard_mb else None
+    save_hf_checkpoint(model, out, max_shard_bytes=max_bytes, tokenizer=system.tokenizer)
     tokenizer = system.tokenizer
     if isinstance(tokenizer, HFTokenizer):
         shutil.copyfile(tokenizer.path, out / "tokenizer.json")

@@ -2,7 +2,7 @@
 
 herd-train                                   # defaults: small Llama, 512 context, CPU
 herd-train experiment=language_tiny trainer.max_steps=10
-herd-train -m context=512,2k precision=fp32,bf16_mixed
+herd-train -m context=512t,2k precision=fp32,bf16_mixed
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
-            log.warning("No best checkpoint was saved; testing the current weights.")
-        trainer.test(system, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            log.warning("No best checkpoint was saved by this run.")
+        ckpt = best or cfg.get("ckpt_path")  # train=false: test the checkpoint given
+        trainer.test(system, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
         test_metrics = dict(trainer.callback_metrics)
 
     datamodule.setup("fit")

@@ -19,6 +19,7 @@ from herd.data.passkey import make_passkey_sample
 from herd.models.llama import generate
 
 log = logging.getLogger(__name__)
+ANSWER_ROOM = 8  # tokens kept free for the five-digit answer (however it tokenises) and a stop
 
 
 @torch.no_grad()
@@ -41,10 +42,12 @@ def passkey_accuracy(
         for depth in depths:
             correct = 0
             for _ in range(samples_per_cell):
-                sample = make_passkey_sample(tokenizer, length, depth, rng, filler_texts)
-                n_answer = len(tokenizer.encode(sample.answer))
+                # The prompt leaves room for the answer inside `length` (the model's context).
+                sample = make_passkey_sample(
+                    tokenizer, length - ANSWER_ROOM, depth, rng, filler_texts
+                )
                 prompt = torch.tensor([sample.tokens], device=device)
-                out = generate(model, prompt, max_new_tokens=n_answer)
+                out = generate(model, prompt, max_new_tokens=ANSWER_ROOM)
                 correct += tokenizer.decode(out[0, len(sample.tokens) :].tolist()).startswith(
                     sample.answer
                 )

@@ -18,6 +18,8 @@ class TextSamples(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        if "fsdp" in type(trainer.strategy).__name__.lower():
+            return  # sharded parameters: rank 0 alone cannot run the model
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         datamodule = trainer.datamodule
         if not loggers or datamodule is None or not hasattr(datamodule, "sample_prompts"):

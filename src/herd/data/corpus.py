@@ -108,11 +108,13 @@ def read_text_manifest(path: str | Path, skip_bad: bool = False) -> list[str]:
     if not path.is_file():
         raise DataError(f"Manifest {path} does not exist.")
     texts, skipped = [], 0
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
             try:
+                # per line, so one undecodable line is reported (or skipped) like any other
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                if not line.strip():
+                    continue
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError("expected a JSON object")

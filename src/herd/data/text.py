@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from herd.data.corpus import CORPORA, read_text_manifest, split_documents
 from herd.data.packing import PackedDataset, StagedPackedStream
-from herd.data.passkey import passkey_training_texts
+from herd.data.passkey import REPEATED_FILLER, passkey_training_texts
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
 from herd.systems.common import plain
@@ -67,17 +67,22 @@ class TextDataModule(L.LightningDataModule):
         splits = split_documents(self._texts(), hp.val_fraction, hp.test_fraction)
         if hp.passkey_docs:
             # Retrieval practice mixed into training only, so held-out loss stays plain prose.
-            # Filler on both sides spans up to ~80% of a row (~17 tokens per filler sentence).
+            # Filler on both sides together spans up to ~80% of a row.
             rng = random.Random(hp.seed)
-            splits["train"] += passkey_training_texts(
-                hp.passkey_docs, rng, max(1, hp.seq_len // 40)
-            )
+            per_filler = len(self.tokenizer.encode(REPEATED_FILLER))
+            repeats = max(1, int(0.4 * hp.seq_len / per_filler))
+            splits["train"] += passkey_training_texts(hp.passkey_docs, rng, repeats)
         for name, texts in splits.items():
             self.documents[name] = [self.tokenizer.encode(t, bos=True, eos=True) for t in texts]
             if self.documents[name]:
                 self.datasets[name] = PackedDataset(
                     self.documents[name], hp.seq_len, self.tokenizer.pad_id
                 )
+        if "train" in self.datasets and len(self.datasets["train"]) < hp.batch_size:
+            raise ConfigError(
+                f"The training split packs into {len(self.datasets['train'])} rows of {hp.seq_len} "
+                f"tokens, fewer than data.batch_size={hp.batch_size}; lower the batch size or add data."
+            )
         for name in ("train", "val"):
             if name not in self.datasets:
                 raise ConfigError(
@@ -108,6 +113,11 @@ class TextDataModule(L.LightningDataModule):
             hp.batch_size * hp.seq_len,
             hp.seed,
         )
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ConfigError(
+                "data.context_stages feeds one process; with several devices every rank would see the "
+                "same batches. Use strategy=single for staged context extension."
+            )
         if self.trainer is not None:
             self.train_stream.step = self.trainer.global_step * self.trainer.accumulate_grad_batches
         return DataLoader(self.train_stream, batch_size=None, num_workers=0)

@@ -467,6 +467,15 @@ class Llama(nn.Module):
             self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
         ).to(self.inv_freq.device)
 
+    def _apply(self, fn, recurse=True):
+        # Module-wide casts (precision=bf16_true) must not round the RoPE frequencies:
+        # recompute them in fp32 on whatever device the module now lives on.
+        super()._apply(fn, recurse)
+        cfg = self.config
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     # -- caching ---------------------------------------------------------------------------
 
     def setup_cache(self, batch_size: int, max_len: int | None = None) -> None:

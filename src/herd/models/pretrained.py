@@ -85,7 +85,12 @@ def config_from_hf(path: Path) -> LlamaConfig:
     return cfg
 
 
-def config_to_hf(cfg: LlamaConfig) -> dict:
+def config_to_hf(
+    cfg: LlamaConfig,
+    dtype: str = "float32",
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> dict:
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling:
         s = cfg.rope_scaling
@@ -117,7 +122,9 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         "rope_theta": cfg.rope_theta,
         "rope_scaling": scaling,
         "rope_parameters": rope,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
     }
 
 
@@ -202,9 +209,10 @@ META_NAMES = {
     "layers.{i}.attention_norm.weight": "layers.{i}.input_layernorm.weight",
     "layers.{i}.ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
 }
-# Model-parallel shards of Meta checkpoints split these along the given dim (others are replicated).
+# Model-parallel shards of Meta Llama 3 checkpoints split these along the given dim (others
+# are replicated); Llama 3 splits the embedding by vocabulary (Llama 2 split it by width).
 META_SHARD_DIM = {
-    "tok_embeddings": 1,
+    "tok_embeddings": 0,
     "output": 0,
     "wq": 0,
     "wk": 0,
@@ -338,13 +346,19 @@ def load_pretrained_llama(
     return _assign(cfg, state, path, dtype)
 
 
-def save_hf_checkpoint(model: Llama, path: str | Path, max_shard_bytes: int | None = None) -> Path:
-    """Write `model` as a Hugging Face Llama directory (config.json + safetensors)."""
+def save_hf_checkpoint(
+    model: Llama, path: str | Path, max_shard_bytes: int | None = None, tokenizer=None
+) -> Path:
+    """Write `model` as a Hugging Face Llama directory (config.json + safetensors); with a
+    herd tokenizer, its bos/eos ids go into the config so generation stops where herd's does."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id} if tokenizer else {}
+    hf_config = config_to_hf(model.config, dtype=dtype, **ids)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     state = {}
     for name, tensor in model.state_dict().items():
         if model.config.tie_embeddings and name == "lm_head.weight":

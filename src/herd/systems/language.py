@@ -84,9 +84,11 @@ class LanguageSystem(HerdSystem):
         if str(path).endswith(".ckpt"):
             from herd.systems.common import load_system
 
-            model = load_system(path).model
+            model = load_system(path).model.float()
         else:
-            model = load_pretrained_llama(path)
+            # Train in fp32 master weights: released checkpoints are bf16, whose precision loses
+            # most fine-tuning updates; precision= then decides the compute dtype.
+            model = load_pretrained_llama(path, dtype=torch.float32)
         cfg = model.config
         scaling = cfg.rope_scaling or llama.get("rope_scaling")
         wanted = llama.get("max_seq_len") or cfg.max_seq_len

@@ -19,9 +19,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over valid tokens of CE(hidden @ weight.T, labels) / n_valid, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int):
-        # hidden [N, D], weight [V, D], labels [N]
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, labels, chunk_size: int, grad_enabled: bool):
+        # hidden [N, D], weight [V, D], labels [N]. needs_input_grad ignores no_grad(), so
+        # grad_enabled tells evaluation apart from training.
+        want_h = grad_enabled and ctx.needs_input_grad[0]
+        want_w = grad_enabled and ctx.needs_input_grad[1]
         n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
         grad_hidden = torch.zeros_like(hidden) if want_h else None  # [N, D]
         grad_weight = torch.zeros_like(weight) if want_w else None  # [V, D]
@@ -58,6 +60,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
             None,
             None,
+            None,
         )
 
 
@@ -71,5 +74,7 @@ def chunked_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
     labels = labels.reshape(-1)  # [N]
     n_tokens = (labels != IGNORE_INDEX).sum()
-    loss = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+    loss = _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, labels, chunk_size, torch.is_grad_enabled()
+    )
     return loss, n_tokens
