@@ -113,7 +113,7 @@ def test_sharded_safetensors_load(tmp_path):
         torch.testing.assert_close(model(tokens), reference(tokens).logits, atol=1e-4, rtol=1e-4)
 
 
-def to_meta_layout(hf_path, meta_path):
+def to_meta_layout(hf_path, meta_path, n_shards: int = 1):
     """Write the same weights in Meta's consolidated layout (interleaved RoPE rows)."""
     from herd.models.pretrained import META_NAMES
 
@@ -133,7 +133,14 @@ def to_meta_layout(hf_path, meta_path):
             )
         state[meta_name] = tensor.clone()
     meta_path.mkdir()
-    torch.save(state, meta_path / "consolidated.00.pth")
+    from herd.models.pretrained import META_SHARD_DIM
+
+    for rank in range(n_shards):  # model-parallel shards, split as Meta's Llama 3 releases are
+        shard = {}
+        for name, tensor in state.items():
+            dim = META_SHARD_DIM.get(name.split(".")[-2])
+            shard[name] = tensor if dim is None else tensor.chunk(n_shards, dim=dim)[rank].clone()
+        torch.save(shard, meta_path / f"consolidated.{rank:02d}.pth")
     params = {
         "dim": cfg.dim,
         "n_layers": cfg.n_layers,
@@ -149,9 +156,10 @@ def to_meta_layout(hf_path, meta_path):
     (meta_path / "params.json").write_text(json.dumps(params))
 
 
-def test_meta_layout_gives_the_same_logits_as_the_hf_layout(tmp_path):
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_meta_layout_gives_the_same_logits_as_the_hf_layout(tmp_path, n_shards):
     _, hf_path = hf_model(tmp_path, scaled=False)
-    to_meta_layout(hf_path, tmp_path / "meta")
+    to_meta_layout(hf_path, tmp_path / "meta", n_shards)
     hf, meta = (
         load_pretrained_llama(hf_path).eval(),
         load_pretrained_llama(tmp_path / "meta").eval(),
