@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from herd.data.passkey import make_passkey_sample
+from herd.errors import ConfigError
 from herd.models.llama import generate
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class PasskeyRetrieval(L.Callback):
         seed: int = 0,
     ):
         if filler not in ("passkey", "needle"):
-            raise ValueError(f"filler={filler!r} is unknown; use 'passkey' or 'needle'.")
+            raise ConfigError(f"filler={filler!r} is unknown; use 'passkey' or 'needle'.")
         self.lengths, self.depths = list(lengths), list(depths)
         self.samples_per_cell, self.filler, self.seed = samples_per_cell, filler, seed
         self.grid: dict[tuple[int, float], float] = {}

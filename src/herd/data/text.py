@@ -105,6 +105,11 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         if not hp.context_stages:
             return self._loader("train", shuffle=True)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ConfigError(
+                "data.context_stages feeds one process; with several devices every rank would see the "
+                "same batches. Use strategy=single for staged context extension."
+            )
         # Staged context extension: batches of batch_size x seq_len tokens, in rows whose length
         # follows the stages. A resumed run continues the stream at its restored step.
         self.train_stream = StagedPackedStream(
@@ -113,11 +118,6 @@ class TextDataModule(L.LightningDataModule):
             hp.batch_size * hp.seq_len,
             hp.seed,
         )
-        if self.trainer is not None and self.trainer.world_size > 1:
-            raise ConfigError(
-                "data.context_stages feeds one process; with several devices every rank would see the "
-                "same batches. Use strategy=single for staged context extension."
-            )
         if self.trainer is not None:
             self.train_stream.step = self.trainer.global_step * self.trainer.accumulate_grad_batches
         return DataLoader(self.train_stream, batch_size=None, num_workers=0)

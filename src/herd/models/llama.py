@@ -463,17 +463,19 @@ class Llama(nn.Module):
             nn.init.normal_(
                 layer.mlp.down_proj.weight, std=std / math.sqrt(2 * self.config.n_layers)
             )
-        self.inv_freq = rope_inverse_frequencies(
-            self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
-        ).to(self.inv_freq.device)
+        self.reset_rope()
 
-    def _apply(self, fn, recurse=True):
-        # Module-wide casts (precision=bf16_true) must not round the RoPE frequencies:
-        # recompute them in fp32 on whatever device the module now lives on.
-        super()._apply(fn, recurse)
+    def reset_rope(self) -> None:
+        """Recompute the fp32 RoPE frequencies from self.config, on the weights' device.
+        Call after changing the config's RoPE settings."""
         cfg = self.config
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        self.inv_freq = inv_freq.to(self.embed_tokens.weight.device)
+
+    def _apply(self, fn, recurse=True):
+        # Module-wide casts (precision=bf16_true) must not round the RoPE frequencies.
+        super()._apply(fn, recurse)
+        self.reset_rope()
         return self
 
     # -- caching ---------------------------------------------------------------------------

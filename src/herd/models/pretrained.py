@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from herd.errors import ConfigError
-from herd.models.llama import Llama, LlamaConfig, RopeScaling, rope_inverse_frequencies
+from herd.models.llama import Llama, LlamaConfig, RopeScaling
 
 HF_INDEX = "model.safetensors.index.json"
 
@@ -315,7 +315,7 @@ def _assign(
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # non-persistent buffer, still on meta: compute it for real
-    model.inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    model.reset_rope()
     return model
 
 

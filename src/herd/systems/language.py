@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
-from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate, rope_inverse_frequencies
+from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate
 from herd.models.pretrained import load_pretrained_llama
 from herd.systems.common import HerdSystem, build_optimization, grad_norm, plain
 from herd.systems.losses import chunked_cross_entropy
@@ -27,8 +27,9 @@ class LanguageSystem(HerdSystem):
         optimizer: `_partial_` optimizer config (weight_decay applies to matrices only).
         scheduler: `_partial_` scheduler config called with (optimizer, total_steps=...).
         loss_chunk_size: tokens per chunk of the output projection + cross-entropy.
-        pretrained: a Llama 3.x checkpoint directory (Hugging Face or Meta layout) to start
-            from; its own architecture and RoPE settings are kept, the context follows `llama`.
+        pretrained: a Llama 3.x checkpoint directory (Hugging Face or Meta layout), or a herd
+            language checkpoint (.ckpt), to start from. Its architecture is kept; its RoPE
+            scaling too, unless it has none and `llama` brings one (context extension).
         activation_checkpointing: none | selective | full, per decoder layer.
         compile: torch.compile each decoder layer.
     """
@@ -98,9 +99,7 @@ class LanguageSystem(HerdSystem):
                 "supports; pick a shorter context=, or extend it with a context that sets rope_scaling."
             )
         model.config = replace(cfg, max_seq_len=wanted, rope_scaling=scaling)
-        model.inv_freq = rope_inverse_frequencies(
-            model.config.head_dim, model.config.rope_theta, model.config.rope_scaling
-        )
+        model.reset_rope()
         return model
 
     def configure_model(self) -> None:
