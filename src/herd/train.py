@@ -1,4 +1,4 @@
-"""herd-train: train one stage (today: the language model) from a Hydra config.
+"""herd-train: train one stage (language, vision, speech, fusion) from a Hydra config.
 
 herd-train                                   # defaults: small Llama, 512 context, CPU
 herd-train experiment=language_tiny trainer.max_steps=10
@@ -53,8 +53,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(system, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
         test_metrics = dict(trainer.callback_metrics)
 
-    datamodule.setup("fit")
-    references = {"val/unigram_loss": datamodule.unigram_loss("val")}
+    # trivial baselines the data module knows (e.g. a unigram model's loss, chance accuracy)
+    references = datamodule.reference_metrics() if hasattr(datamodule, "reference_metrics") else {}
     metrics = final_metrics(fit_metrics, test_metrics, references)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         output_dir = Path(cfg.paths.output_dir)

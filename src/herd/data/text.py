@@ -130,6 +130,11 @@ class TextDataModule(L.LightningDataModule):
 
     # -- references for the logs ------------------------------------------------------------
 
+    def reference_metrics(self) -> dict[str, float]:
+        """Trivial baselines written to metrics.json beside the trained model's numbers."""
+        self.setup("fit")
+        return {"val/unigram_loss": self.unigram_loss("val")}
+
     def unigram_loss(self, split: str = "val") -> float:
         """Cross-entropy (nats/token) of `split` under an add-one unigram model of the train
         labels: the floor a language model must beat to have learnt anything beyond counts."""
