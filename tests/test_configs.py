@@ -99,8 +99,28 @@ def test_precision_and_strategy_compose(precision, strategy, tmp_path):
 
 
 def test_eval_config_composes(tmp_path):
-    cfg = compose_cfg("eval", ["ckpt_path=some.ckpt"], tmp_path / "run")
+    cfg = compose_cfg("eval", ["ckpt_path=some.ckpt", "data=text"], tmp_path / "run")
     assert cfg.data.seq_len == cfg.context.seq_len
+
+
+def test_eval_takes_the_checkpoint_data_config_resolved_at_its_own_context(tmp_path):
+    from omegaconf import OmegaConf
+
+    from herd.evaluate import resolve_data_config
+
+    trained = OmegaConf.to_container(
+        compose_cfg("train", ["data.source=pydoc"], tmp_path / "train").data, resolve=False
+    )
+    cfg = compose_cfg(
+        "eval", ["ckpt_path=x.ckpt", "context=2k", "++data.batch_size=2"], tmp_path / "run"
+    )
+    resolve_data_config(cfg, {"data": trained})
+    assert cfg.data.source == "pydoc" and cfg.data.batch_size == 2
+    assert cfg.data.seq_len == 2048  # ${context.seq_len} follows this command's context=
+
+    cfg = compose_cfg("eval", ["ckpt_path=x.ckpt"], tmp_path / "run2")
+    with pytest.raises(ConfigError, match="does not record its data config"):
+        resolve_data_config(cfg, {})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")

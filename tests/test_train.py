@@ -83,11 +83,14 @@ def test_evaluate_and_resume_from_last_checkpoint(tmp_path):
     assert (tmp_path / "first" / "metrics.json").is_file()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 8 and state["herd"]["system"].endswith("LanguageSystem")
+    # provenance: the resolved run config, the data config and the code revision
+    assert state["herd"]["config"]["trainer"]["max_steps"] == 8
+    assert state["herd"]["data"]["seq_len"] == "${context.seq_len}"
+    assert state["herd"]["git"] != ""
 
     evaluated = run_cli(
         "herd.evaluate",
-        f"ckpt_path={ckpt}",
-        "data.source=pydoc",
+        f"ckpt_path={ckpt}",  # the data config comes from the checkpoint
         "hydra.run.dir=" + str(tmp_path / "eval"),
         log_dir=logs,
     )

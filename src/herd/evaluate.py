@@ -1,6 +1,13 @@
-"""herd-eval: test a trained checkpoint and write metrics.json in a new run directory.
+"""herd-eval: test a trained checkpoint of any stage and write metrics.json in a new run
+directory.
 
 herd-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
+herd-eval ckpt_path=... context=2k extrapolate=true      # a language model past its length
+herd-eval ckpt_path=... data=digits data.batch_size=64   # other data than the run trained on
+
+The data config is the one the checkpoint was trained with (its interpolations resolved
+against this command's settings, e.g. `context=`) unless `data=` picks another; `++data.KEY=`
+changes single fields.
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from herd.errors import ConfigError
-from herd.systems.common import load_system
+from herd.systems.common import load_system, read_checkpoint_header
+from herd.systems.language import LanguageSystem
 from herd.train import CONFIG_DIR, instantiate_all
 from herd.utils.cli import report_errors
 from herd.utils.preflight import check_hardware
@@ -23,27 +31,51 @@ from herd.utils.run import final_metrics, log_hparams, write_metrics_json
 log = logging.getLogger(__name__)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    check_hardware(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    system = load_system(cfg.ckpt_path)
-    model_len = system.model.config.max_seq_len
-    if cfg.get("extrapolate") and cfg.data.seq_len > model_len:
-        log.warning(
-            "Extrapolating: evaluating a %d-token model at %d tokens.", model_len, cfg.data.seq_len
+def resolve_data_config(cfg: DictConfig, header: dict) -> None:
+    """cfg.data := the checkpoint's data config, overridden by any `++data.KEY=` given here;
+    a `data=` choice on the command line (a config with a _target_) is used as it is."""
+    given = cfg.get("data") or {}
+    if "_target_" in given:
+        return
+    trained = header.get("data")
+    if not trained:
+        raise ConfigError(
+            f"Checkpoint {cfg.ckpt_path} does not record its data config (written before herd "
+            "0.1 kept it); choose the data with data=OPTION (e.g. data=text)."
         )
+    with open_dict(cfg):
+        cfg.data = OmegaConf.merge(trained, given)
+
+
+def fit_language_context(cfg: DictConfig, system: LanguageSystem) -> None:
+    """Refuse (or, with extrapolate=true, allow) a context longer than the model's."""
+    model_len = system.model.config.max_seq_len
+    seq_len = cfg.data.get("seq_len") or model_len
+    if cfg.get("extrapolate") and seq_len > model_len:
+        log.warning("Extrapolating: evaluating a %d-token model at %d tokens.", model_len, seq_len)
         # set directly: validation would (rightly) refuse unscaled RoPE past 8K
         config = copy.copy(system.model.config)
-        object.__setattr__(config, "max_seq_len", cfg.data.seq_len)
+        object.__setattr__(config, "max_seq_len", seq_len)
         system.model.config = config
-    elif cfg.data.seq_len > model_len:
+    elif seq_len > model_len:
         raise ConfigError(
-            f"context={cfg.context.name} ({cfg.data.seq_len} tokens) is longer than this checkpoint's "
+            f"context={cfg.context.name} ({seq_len} tokens) is longer than this checkpoint's "
             f"context of {model_len} tokens; evaluate with a context of at most {model_len} "
             "(or extrapolate=true to measure it beyond its length)."
         )
-    with open_dict(cfg):
-        cfg.data.tokenizer = system.hparams.tokenizer  # the data must be tokenised as in training
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    check_hardware(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    header = read_checkpoint_header(cfg.ckpt_path)
+    system = load_system(cfg.ckpt_path)
+    resolve_data_config(cfg, header)
+    if isinstance(system, LanguageSystem):
+        fit_language_context(cfg, system)
+    if "tokenizer" in cfg.data and "tokenizer" in system.hparams:
+        with open_dict(cfg):  # the data must be tokenised as in training
+            cfg.data.tokenizer = system.hparams.tokenizer
     datamodule = hydra.utils.instantiate(cfg.data)
     loggers = instantiate_all(cfg.get("logger"))
     callbacks = instantiate_all(cfg.get("callbacks"))

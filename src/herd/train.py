@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from herd.utils.cli import report_errors
 from herd.utils.preflight import check_context, check_hardware
-from herd.utils.run import final_metrics, log_hparams, write_metrics_json
+from herd.utils.run import final_metrics, log_hparams, provenance_of, write_metrics_json
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -36,6 +36,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = hydra.utils.instantiate(cfg.data)
     system = hydra.utils.instantiate(cfg.model, _recursive_=False)
+    system.provenance = provenance_of(cfg)
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

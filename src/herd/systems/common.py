@@ -58,30 +58,44 @@ def grad_norm(module: nn.Module) -> torch.Tensor:
 
 class HerdSystem(L.LightningModule):
     """Base of the stage systems: checkpoints record which system wrote them, so
-    `load_system` (and herd-eval) can reopen any of them from the path alone."""
+    `load_system` (and herd-eval) can reopen any of them from the path alone, and the run
+    that wrote them (resolved config, data config, git revision) when herd-train set
+    `provenance`."""
+
+    # {"config": resolved run config, "data": the data config with its interpolations,
+    #  "git": revision}; plain containers only, so checkpoints load with weights_only=True
+    provenance: dict | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         cls = type(self)
         checkpoint["herd"] = {
             "version": herd.__version__,
             "system": f"{cls.__module__}.{cls.__qualname__}",
+            **(self.provenance or {}),
         }
 
 
-def load_system(path: str | Path, map_location: str = "cpu") -> HerdSystem:
-    """Reopen a herd checkpoint as the system that wrote it (weights-only unpickling)."""
+def read_checkpoint_header(path: str | Path) -> dict:
+    """The `herd` entry of a checkpoint (memory-mapped; the weights are not read)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Checkpoint {path} does not exist; pass ckpt_path=PATH/TO/last.ckpt.")
     try:
-        header = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise ConfigError(
             f"Checkpoint {path} could not be read ({type(exc).__name__}): {exc}"
         ) from exc
-    qualname = header.get("herd", {}).get("system") if isinstance(header, dict) else None
-    if not qualname or not qualname.startswith("herd.systems."):
+    header = state.get("herd") if isinstance(state, dict) else None
+    if not isinstance(header, dict) or not str(header.get("system", "")).startswith(
+        "herd.systems."
+    ):
         raise ConfigError(f"Checkpoint {path} was not written by a herd system (no 'herd' entry).")
-    module_name, cls_name = qualname.rsplit(".", 1)
+    return header
+
+
+def load_system(path: str | Path, map_location: str = "cpu") -> HerdSystem:
+    """Reopen a herd checkpoint as the system that wrote it (weights-only unpickling)."""
+    module_name, cls_name = read_checkpoint_header(path)["system"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -37,6 +39,36 @@ def write_metrics_json(output_dir: str | Path, metrics: dict[str, float]) -> Pat
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)  # atomic: a reader never sees half a file
     return path
+
+
+@cache
+def git_revision() -> str:
+    """The checkout's commit (with `+dirty` for uncommitted changes), or `unknown`."""
+    repo = Path(__file__).resolve().parents[3]
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
+
+
+def provenance_of(cfg: DictConfig) -> dict:
+    """What a checkpoint records about the run that wrote it: the resolved config, the data
+    config with its interpolations kept (so herd-eval can rebuild the data at another
+    context length), and the git revision."""
+    return {
+        "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False),
+        "data": OmegaConf.to_container(cfg.data, resolve=False) if "data" in cfg else None,
+        "git": git_revision(),
+    }
 
 
 def hparams_of(cfg: DictConfig) -> dict:
