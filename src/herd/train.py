@@ -12,8 +12,10 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from herd.errors import ConfigError
+from herd.systems.common import read_checkpoint_header
 from herd.utils.cli import report_errors
 from herd.utils.preflight import check_context, check_hardware
 from herd.utils.run import final_metrics, log_hparams, provenance_of, write_metrics_json
@@ -29,9 +31,60 @@ def instantiate_all(section: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in section.values() if c and "_target_" in c]
 
 
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: `ckpt_path` (`last` = this run directory's last.ckpt),
+    or with auto_resume=true the run directory's last.ckpt when there is one. A checkpoint
+    written by another system or with other model settings is refused, naming the keys."""
+    ckpt = cfg.get("ckpt_path")
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if ckpt == "last" or (ckpt is None and cfg.get("auto_resume")):
+        if last.is_file():
+            ckpt = str(last)
+        elif ckpt == "last":
+            raise ConfigError(
+                f"ckpt_path=last but {last} does not exist; rerun in the interrupted run's "
+                "directory (hydra.run.dir=...) or pass the checkpoint's path."
+            )
+        else:
+            return None
+    if ckpt is None:
+        return None
+    header = read_checkpoint_header(ckpt)
+    wanted = cfg.model.get("_target_", "")
+    if not header["system"].endswith(str(wanted).rsplit(".", 1)[-1]):
+        raise ConfigError(
+            f"Checkpoint {ckpt} was written by {header['system']}, but this run trains "
+            f"{wanted}; resume it with the experiment that wrote it."
+        )
+    trained = (header.get("config") or {}).get("model")
+    if trained:
+        now = _flatten(OmegaConf.to_container(cfg.model, resolve=True, throw_on_missing=False))
+        before = _flatten(trained)
+        differ = sorted(k for k in now.keys() & before.keys() if now[k] != before[k])
+        if differ:
+            listed = ", ".join(
+                f"model.{k}={before[k]!r} (checkpoint) vs {now[k]!r}" for k in differ
+            )
+            raise ConfigError(
+                f"Checkpoint {ckpt} was trained with other model settings: {listed}; resume with "
+                "the checkpoint's settings (or fine-tune from it with model.pretrained=)."
+            )
+    return ckpt
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     check_hardware(cfg)
     check_context(cfg)
+    ckpt_path = resume_checkpoint(cfg) if cfg.train else cfg.get("ckpt_path")
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -42,7 +95,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     if cfg.train:
-        trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if ckpt_path:
+            log.info("Resuming from %s", ckpt_path)
+        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_metrics = dict(trainer.callback_metrics)
 
     test_metrics = {}
@@ -50,7 +105,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint was saved by this run.")
-        ckpt = best or cfg.get("ckpt_path")  # train=false: test the checkpoint given
+        ckpt = best or ckpt_path  # train=false: test the checkpoint given
         trainer.test(system, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
         test_metrics = dict(trainer.callback_metrics)
 

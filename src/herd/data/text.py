@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from herd.data.corpus import CORPORA, read_text_manifest, split_documents
 from herd.data.packing import PackedDataset, StagedPackedStream
 from herd.data.passkey import REPEATED_FILLER, passkey_training_texts
+from herd.data.sampling import resumable_train_sampler
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
 from herd.systems.common import plain
@@ -89,22 +90,27 @@ class TextDataModule(L.LightningDataModule):
                     f"The {name} split is empty; give the corpus more documents or raise data.val_fraction."
                 )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
+    def _loader(self, split: str) -> DataLoader:
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
             num_workers=self.hparams.num_workers,
-            generator=generator if shuffle else None,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         if not hp.context_stages:
-            return self._loader("train", shuffle=True)
+            # endless shuffled passes, positioned after the steps already taken (exact resume)
+            dataset = self.datasets["train"]
+            return DataLoader(
+                dataset,
+                batch_size=hp.batch_size,
+                sampler=resumable_train_sampler(self, len(dataset), hp.batch_size),
+                drop_last=True,
+                num_workers=hp.num_workers,
+                persistent_workers=hp.num_workers > 0,
+            )
         if self.trainer is not None and self.trainer.world_size > 1:
             raise ConfigError(
                 "data.context_stages feeds one process; with several devices every rank would see the "
@@ -123,10 +129,10 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(self.train_stream, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val", shuffle=False)
+        return self._loader("test" if "test" in self.datasets else "val")
 
     # -- references for the logs ------------------------------------------------------------
 
