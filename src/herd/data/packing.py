@@ -14,7 +14,8 @@ import random
 
 import torch
 
-from herd.systems.losses import IGNORE_INDEX
+# Label of positions that carry no loss (the document boundary, padding, prompts).
+IGNORE_INDEX = -100
 
 
 def rows_from_stream(

@@ -9,13 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from herd.data.corpus import CORPORA, read_text_manifest, split_documents
-from herd.data.packing import PackedDataset, StagedPackedStream
+from herd.data.packing import IGNORE_INDEX, PackedDataset, StagedPackedStream
 from herd.data.passkey import REPEATED_FILLER, passkey_training_texts
 from herd.data.sampling import resumable_train_sampler
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
-from herd.systems.common import plain
-from herd.systems.losses import IGNORE_INDEX
+from herd.utils.config import plain
 
 
 class TextDataModule(L.LightningDataModule):

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 import herd
 from herd.errors import ConfigError
-
-
-def plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists, so hyper-parameters saved in checkpoints
-    load with torch.load(weights_only=True)."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def decay_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

@@ -12,9 +12,21 @@ from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
 from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate
 from herd.models.pretrained import load_pretrained_llama
-from herd.systems.common import HerdSystem, build_optimization, grad_norm, plain
+from herd.systems.common import HerdSystem, build_optimization, grad_norm
 from herd.systems.losses import chunked_cross_entropy
 from herd.systems.techniques import apply_training_techniques, check_checkpointing_mode
+from herd.utils.config import plain
+
+
+def llama_config(llama: dict, vocab_size: int) -> LlamaConfig:
+    """A named flavor with overrides, or a complete config (as saved by a fine-tuning run);
+    a null vocab_size takes the tokenizer's."""
+    fields = dict(llama)
+    if fields.get("vocab_size") is None:
+        fields["vocab_size"] = vocab_size
+    if fields.get("flavor") in FLAVORS:
+        return LlamaConfig.from_flavor(fields.pop("flavor"), **fields)
+    return LlamaConfig(**fields)
 
 
 class LanguageSystem(HerdSystem):
@@ -56,7 +68,7 @@ class LanguageSystem(HerdSystem):
             self.hparams.llama = self.model.config.to_dict()
             self.hparams.pretrained = None
         else:
-            self.model = Llama(self._config(llama))
+            self.model = Llama(llama_config(llama, self.tokenizer.vocab_size))
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise ConfigError(
                 f"Tokenizer {tokenizer!r} has {self.tokenizer.vocab_size} tokens but the model's "
@@ -65,15 +77,6 @@ class LanguageSystem(HerdSystem):
             )
         check_checkpointing_mode(activation_checkpointing)  # fail before any training starts
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
-
-    def _config(self, llama: dict) -> LlamaConfig:
-        """A named flavor with overrides, or a complete config (as saved by a fine-tuning run)."""
-        fields = dict(llama)
-        if fields.get("vocab_size") is None:
-            fields["vocab_size"] = self.tokenizer.vocab_size
-        if fields.get("flavor") in FLAVORS:
-            return LlamaConfig.from_flavor(fields.pop("flavor"), **fields)
-        return LlamaConfig(**fields)
 
     @staticmethod
     def _load_pretrained(path: str, llama: dict) -> Llama:

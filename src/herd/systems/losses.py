@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from herd.data.packing import IGNORE_INDEX
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -1,0 +1,394 @@
+"""Interleaved image / speech / text samples for the fusion stage, in the Llama 3 chat format.
+
+Every sample is one user turn and one assistant answer:
+
+    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{prompt}<|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n{answer}<|eot_id|>
+
+where the prompt may hold `<|image|>` (the decoder's cross-attention layers see the image from
+there on) and `<|speech|>` (expanded to one placeholder per speech-adapter output, whose
+embeddings replace the placeholders'). The loss is on the answer and its <|eot_id|> only.
+
+Tasks on the embedded "digits" world (all real data shipped with the repo or a package):
+  image   handwritten digit -> its English word            (metric: top1, exact match)
+  asr     spoken phrase -> English transcript               (metric: wer)
+  st      spoken phrase -> German translation               (metric: bleu_st)
+  mt      English number phrase -> German                   (metric: bleu_mt)
+  passkey a five-digit key hidden in filler -> the key      (metric: passkey_acc)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from herd.data.audio import read_audio
+from herd.data.images import digits_images, stratified_split
+from herd.data.numbers import make_phrases, number_to_english
+from herd.data.packing import IGNORE_INDEX
+from herd.data.passkey import NEEDLE, REPEATED_FILLER
+from herd.data.sampling import resumable_train_sampler
+from herd.data.speech import DIGITS_MANIFEST
+from herd.data.tokenizer import Tokenizer
+from herd.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE, SPEECH = "<|image|>", "<|speech|>"
+TASKS = ("image", "asr", "st", "mt", "passkey")
+# What each task's answer is scored with (see herd.systems.fusion).
+TASK_METRIC = {
+    "image": "top1",
+    "asr": "wer",
+    "st": "bleu_st",
+    "mt": "bleu_mt",
+    "passkey": "passkey_acc",
+}
+PROMPTS = {
+    "image": f"{IMAGE}which digit is this?",
+    "asr": f"{SPEECH}transcribe the audio.",
+    "st": f"{SPEECH}translate the audio into german.",
+    "mt": "translate into german: {text}",
+    "passkey": "{text}what is the pass key?",
+}
+
+
+@dataclass
+class Example:
+    task: str
+    prompt: str  # may contain IMAGE / SPEECH markers
+    answer: str
+    image: torch.Tensor | None = None  # [C, H, W], preprocessed as the image encoder expects
+    audio: torch.Tensor | None = None  # [S] 16 kHz mono waveform
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode_example(
+    example: Example,
+    tokenizer: Tokenizer,
+    speech_tokens: Callable[[int], int] | None = None,
+) -> dict:
+    """Example -> {"input_ids", "labels"} (lists of ints) in the chat format; `<|speech|>`
+    becomes `speech_tokens(num_samples)` placeholders, one per speech-adapter output."""
+    special = tokenizer.special_ids
+    start, end, eot = special["<|start_header_id|>"], special["<|end_header_id|>"], tokenizer.eot_id
+
+    def header(role: str) -> list[int]:
+        return [start, *tokenizer.encode(role), end, *tokenizer.encode("\n\n")]
+
+    prompt: list[int] = []
+    for i, part in enumerate(example.prompt.split(SPEECH)):
+        if i > 0:
+            if example.audio is None or speech_tokens is None:
+                raise ValueError(f"A {example.task} prompt has {SPEECH} but no audio.")
+            prompt += [special[SPEECH]] * speech_tokens(example.audio.shape[-1])
+        for j, text in enumerate(part.split(IMAGE)):
+            if j > 0:
+                prompt.append(special[IMAGE])
+            prompt += tokenizer.encode(text) if text else []
+    context = [tokenizer.bos_id, *header("user"), *prompt, eot, *header("assistant")]
+    answer = [*tokenizer.encode(example.answer), eot]
+    return {
+        "input_ids": context + answer,
+        "labels": [IGNORE_INDEX] * len(context) + answer,
+        "prompt_len": len(context),
+    }
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    """Right-pad text (pad_id / IGNORE_INDEX) and audio (zeros, with lengths); stack images
+    (zeros where a sample has none, with has_image False)."""
+    B, T = len(samples), max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for b, s in enumerate(samples):
+        input_ids[b, : len(s["input_ids"])] = torch.tensor(s["input_ids"])
+        labels[b, : len(s["labels"])] = torch.tensor(s["labels"])
+    batch = {
+        "input_ids": input_ids,  # [B, T]
+        "labels": labels,  # [B, T]
+        "prompt_len": torch.tensor([s["prompt_len"] for s in samples]),  # [B]
+        "task": [s["task"] for s in samples],
+        "answer": [s["answer"] for s in samples],
+    }
+    images = [s["image"] for s in samples if s["image"] is not None]
+    if images:
+        shape = images[0].shape
+        batch["images"] = torch.stack(
+            [s["image"] if s["image"] is not None else torch.zeros(shape) for s in samples]
+        )  # [B, C, H, W]
+        batch["has_image"] = torch.tensor([s["image"] is not None for s in samples])
+    if any(s["audio"] is not None for s in samples):
+        lengths = torch.tensor([0 if s["audio"] is None else s["audio"].shape[-1] for s in samples])
+        audio = torch.zeros(B, int(lengths.max()))
+        for b, s in enumerate(samples):
+            if s["audio"] is not None:
+                audio[b, : lengths[b]] = s["audio"]
+        batch["audio"], batch["audio_lengths"] = audio, lengths  # [B, S], [B]
+    return batch
+
+
+class ExampleDataset(Dataset):
+    """Examples of one or more tasks, encoded on access (images and audio stay tensors)."""
+
+    def __init__(self, examples: list[Example], tokenizer: Tokenizer, speech_tokens=None):
+        self.examples, self.tokenizer, self.speech_tokens = examples, tokenizer, speech_tokens
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.examples[i]
+        return {
+            **encode_example(ex, self.tokenizer, self.speech_tokens),
+            "task": ex.task,
+            "answer": ex.answer,
+            "image": ex.image,
+            "audio": ex.audio,
+        }
+
+
+def mix_examples(
+    by_task: dict[str, list[Example]], weights: dict[str, float], size: int, seed: int
+) -> list[Example]:
+    """`size` training examples drawn from the tasks in proportion to `weights` (tasks cycle
+    through their own examples in a shuffled order, so small tasks repeat evenly)."""
+    rng = random.Random(seed)
+    active = {t: w for t, w in weights.items() if w > 0 and by_task.get(t)}
+    total = sum(active.values())
+    mixed: list[Example] = []
+    for task, weight in active.items():
+        pool = list(by_task[task])
+        count = round(size * weight / total)
+        while count > 0:
+            rng.shuffle(pool)
+            mixed += pool[:count]
+            count -= len(pool[:count])
+    rng.shuffle(mixed)
+    return mixed
+
+
+# ----------------------------------------------------------------------------- text tasks
+
+
+def _split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+    """A stable split from a content hash, so the same phrase is in the same split on every
+    machine and in every stage."""
+    u = zlib.crc32(key.encode()) / 2**32
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+def translation_examples(n: int, seed: int, split: str, val_fraction=0.1, test_fraction=0.1):
+    """English -> German number phrases; the split is decided by the English text."""
+    phrases = make_phrases(n, seed=seed)
+    return [
+        Example("mt", PROMPTS["mt"].format(text=p.english), p.german)
+        for p in phrases
+        if _split_of(p.english, val_fraction, test_fraction) == split
+    ]
+
+
+def passkey_examples(n: int, seed: int, max_filler_repeats: int = 4) -> list[Example]:
+    """A five-digit key at a random place in a few repeated filler sentences."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        key = f"{rng.randrange(10_000, 100_000)}"
+        before, after = rng.randrange(max_filler_repeats), rng.randrange(max_filler_repeats)
+        text = REPEATED_FILLER * before + NEEDLE.format(key=key) + REPEATED_FILLER * after
+        out.append(Example("passkey", PROMPTS["passkey"].format(text=text), key))
+    return out
+
+
+def image_examples(split: str, image_size: int, channels: int, seed: int) -> list[Example]:
+    """Handwritten digits -> their English word, on the vision stage's own split (same seed
+    and fractions as data=digits), scaled to [-1, 1] as the image encoder was trained."""
+    images, labels, _ = digits_images(image_size, channels)
+    index = stratified_split(labels, 0.15, 0.15, seed)[split]
+    return [
+        Example(
+            "image", PROMPTS["image"], number_to_english(labels[i]), image=images[i] / 127.5 - 1.0
+        )
+        for i in index
+    ]
+
+
+def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[Example]:
+    """Spoken phrases of the corpus (split by voice) -> transcript (asr) and German (st)."""
+    out = []
+    for lineno, raw in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw)
+            if entry.get("split") != split:
+                continue
+            audio = read_audio(manifest.parent / entry["audio"])
+            answers = {"asr": entry["text"], "st": entry["german"]}
+        except (ValueError, OSError, RuntimeError, KeyError) as exc:
+            raise DataError(f"{manifest}, line {lineno}: {exc}.") from exc
+        out += [Example(t, PROMPTS[t], answers[t], audio=audio) for t in tasks]
+    return out
+
+
+class FusionDataModule(L.LightningDataModule):
+    """The five tasks of the digits world, mixed for training by `weights`; validation and
+    test hold up to `val_per_task` / `test_per_task` examples of every task with weight > 0.
+
+    The tokenizer and the speech placeholder count come from the fusion model being trained
+    (`trainer.lightning_module`), so prompts always match it; outside a trainer pass them to
+    `setup_for(tokenizer, speech_tokens, image_size, channels)`.
+    """
+
+    def __init__(
+        self,
+        weights: dict | None = None,
+        train_size: int = 20_000,
+        val_per_task: int = 32,
+        test_per_task: int = 200,
+        batch_size: int = 16,
+        translation_phrases: int = 6000,
+        passkey_train: int = 4000,
+        speech_manifest: str | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.hparams.weights = {
+            str(k): float(v) for k, v in (weights or dict.fromkeys(TASKS, 1.0)).items()
+        }
+        unknown = set(self.hparams.weights) - set(TASKS)
+        if unknown:
+            raise ConfigError(
+                f"data.weights names unknown tasks {sorted(unknown)}; tasks are {list(TASKS)}."
+            )
+        self.tokenizer: Tokenizer | None = None
+        self.speech_tokens = None
+        self.image_size, self.channels = 32, 1
+        self.datasets: dict[str, ExampleDataset] = {}
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in TASKS if self.hparams.weights.get(t, 0) > 0)
+
+    def setup_for(self, tokenizer, speech_tokens=None, image_size: int = 32, channels: int = 1):
+        self.tokenizer, self.speech_tokens = tokenizer, speech_tokens
+        self.image_size, self.channels = image_size, channels
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.tokenizer is None:
+            system = self.trainer.lightning_module if self.trainer is not None else None
+            if system is None:
+                raise ConfigError("FusionDataModule needs setup_for(...) outside a trainer.")
+            self.setup_for(*system.data_requirements())
+        hp = self.hparams
+        by_split = {split: self._examples(split) for split in ("train", "val", "test")}
+        rng = random.Random(hp.seed)
+        for split, by_task in by_split.items():
+            if split == "train":
+                examples = mix_examples(by_task, hp.weights, hp.train_size, hp.seed)
+            else:
+                cap = hp.val_per_task if split == "val" else hp.test_per_task
+                examples = [
+                    ex
+                    for t in self.tasks
+                    for ex in rng.sample(by_task[t], min(cap, len(by_task[t])))
+                ]
+            self.datasets[split] = ExampleDataset(examples, self.tokenizer, self.speech_tokens)
+        log.info(
+            "Fusion data: %s",
+            ", ".join(f"{t}: {len(by_split['train'][t])} train" for t in self.tasks),
+        )
+
+    def _examples(self, split: str) -> dict[str, list[Example]]:
+        hp, tasks = self.hparams, self.tasks
+        out: dict[str, list[Example]] = {}
+        if "image" in tasks:
+            out["image"] = image_examples(split, self.image_size, self.channels, hp.seed)
+        spoken = tuple(t for t in ("asr", "st") if t in tasks)
+        if spoken:
+            manifest = Path(hp.speech_manifest) if hp.speech_manifest else DIGITS_MANIFEST
+            examples = speech_examples(manifest, split, spoken)
+            for t in spoken:
+                out[t] = [ex for ex in examples if ex.task == t]
+        if "mt" in tasks:
+            out["mt"] = translation_examples(hp.translation_phrases, hp.seed, split)
+        if "passkey" in tasks:
+            n = hp.passkey_train if split == "train" else max(hp.val_per_task, hp.test_per_task)
+            out["passkey"] = passkey_examples(n, hp.seed + {"train": 0, "val": 1, "test": 2}[split])
+        empty = [t for t in tasks if not out.get(t)]
+        if empty:
+            raise DataError(f"The {split} split has no examples for task(s) {empty}.")
+        return out
+
+    def _loader(self, split: str, **kwargs) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+            num_workers=self.hparams.num_workers,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        size, batch = len(self.datasets["train"]), self.hparams.batch_size
+        return self._loader(
+            "train", sampler=resumable_train_sampler(self, size, batch), drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def reference_metrics(self) -> dict[str, float]:
+        """Trivial baselines on the test split: always answering the most common training
+        answer of each task (top1, passkey) and an empty answer (WER 1)."""
+        from collections import Counter
+
+        self.setup("fit")
+        test = self.datasets["test"].examples
+        train = self.datasets["train"].examples
+        out = {}
+        for task in self.tasks:
+            common = Counter(ex.answer for ex in train if ex.task == task).most_common(1)[0][0]
+            answers = [ex.answer for ex in test if ex.task == task]
+            hits = sum(a == common for a in answers) / max(1, len(answers))
+            if task == "image":
+                out["test/top1_majority"] = hits
+            elif task == "passkey":
+                out["test/passkey_acc_majority"] = hits
+            elif task == "asr":
+                out["test/wer_empty"] = 1.0
+        return out
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TASKS",
+    "TASK_METRIC",
+    "Example",
+    "ExampleDataset",
+    "FusionDataModule",
+    "collate",
+    "encode_example",
+    "mix_examples",
+    "passkey_examples",
+    "translation_examples",
+]

@@ -1,0 +1,265 @@
+"""FusionSystem: fine-tunes the composed multimodal model on interleaved samples and
+measures every task through the language model's own generated answers."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import SacreBLEUScore, WordErrorRate
+
+from herd.data.multimodal import TASK_METRIC, TASKS
+from herd.data.tokenizer import load_tokenizer
+from herd.errors import ConfigError
+from herd.models.fusion import FusionModel
+from herd.models.llama import Llama
+from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
+from herd.models.vision import ImageEncoder, ImageEncoderConfig
+from herd.systems.common import HerdSystem, build_optimization, grad_norm, load_system
+from herd.systems.finetune import apply_finetune_strategy
+from herd.systems.language import llama_config
+from herd.systems.losses import chunked_cross_entropy
+from herd.utils.config import plain
+
+log = logging.getLogger(__name__)
+
+
+def _stage_system(checkpoint: str, expected: str) -> HerdSystem:
+    """A stage's system, reopened from its checkpoint so that its model (never the
+    LightningModule itself) can be composed."""
+    system = load_system(checkpoint)
+    if type(system).__name__ != expected:
+        raise ConfigError(
+            f"{checkpoint} holds a {type(system).__name__}, not a {expected}; pass the "
+            f"checkpoint of the matching stage."
+        )
+    return system
+
+
+class FusionSystem(HerdSystem):
+    """Owns training only; the architecture is `herd.models.fusion.FusionModel` (self.model).
+
+    Args:
+        language: {"checkpoint": a LanguageSystem .ckpt or null, "llama": flavor + overrides
+            (when built fresh), "tokenizer": spec (when built fresh)}.
+        vision: {"checkpoint": a VisionSystem .ckpt or null, "encoder": ImageEncoderConfig
+            fields (when built fresh)}, or null for no image encoder.
+        speech: {"checkpoint": a SpeechSystem .ckpt or null, "encoder": SpeechEncoderConfig
+            fields (when built fresh), "adapter": SpeechAdapterConfig fields}, or null.
+        finetune: {"strategy": full|partial|adapter|lora, "top_layers": N (partial),
+            "lora": {"rank", "alpha", "dropout", "targets"}}.
+        cross_attention_every: a cross-attention layer before every k-th decoder layer.
+        max_new_tokens: answer length limit when generating for the task metrics.
+    Checkpoints of this system rebuild every part from the resolved configs recorded here,
+    so they load without the stage checkpoints they started from.
+    """
+
+    def __init__(
+        self,
+        language: dict,
+        vision: dict | None = None,
+        speech: dict | None = None,
+        finetune: dict | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        cross_attention_every: int = 4,
+        loss_chunk_size: int = 1024,
+        max_new_tokens: int = 24,
+    ):
+        super().__init__()
+        language, vision, speech = plain(language), plain(vision), plain(speech)
+        finetune, optimizer, scheduler = plain(finetune), plain(optimizer), plain(scheduler)
+        self.save_hyperparameters()
+
+        if language.get("checkpoint"):
+            stage = _stage_system(language["checkpoint"], "LanguageSystem")
+            decoder, tokenizer_spec = stage.model.float(), stage.hparams.tokenizer
+        else:
+            tokenizer_spec = language.get("tokenizer", "herd_bpe")
+            vocab = load_tokenizer(tokenizer_spec).vocab_size
+            decoder = Llama(llama_config(language.get("llama") or {"flavor": "small"}, vocab))
+        self.tokenizer = load_tokenizer(tokenizer_spec)
+
+        image_encoder = None
+        if vision:
+            if vision.get("checkpoint"):
+                image_encoder = _stage_system(vision["checkpoint"], "VisionSystem").model
+            else:
+                image_encoder = ImageEncoder(ImageEncoderConfig(**vision["encoder"]))
+        speech_encoder = None
+        if speech:
+            if speech.get("checkpoint"):
+                speech_encoder = _stage_system(speech["checkpoint"], "SpeechSystem").model
+            else:
+                speech_encoder = SpeechEncoder(SpeechEncoderConfig(**(speech.get("encoder") or {})))
+
+        special = self.tokenizer.special_ids
+        self.model = FusionModel(
+            decoder,
+            image_token_id=special["<|image|>"],
+            speech_token_id=special["<|speech|>"],
+            image_encoder=image_encoder,
+            speech_encoder=speech_encoder,
+            cross_attention_every=cross_attention_every,
+            speech_adapter=(speech or {}).get("adapter"),
+        )
+        finetune = finetune or {"strategy": "full"}
+        self.parameter_counts = apply_finetune_strategy(
+            self.model,
+            finetune.get("strategy", "full"),
+            finetune.get("top_layers", 2),
+            finetune.get("lora"),
+        )
+        log.info(
+            "Fine-tuning strategy %s: %d trainable, %d frozen parameters.",
+            finetune.get("strategy", "full"),
+            self.parameter_counts["trainable"],
+            self.parameter_counts["frozen"],
+        )
+        # What a checkpoint needs to rebuild this architecture without the stage checkpoints.
+        self.hparams.language = {"llama": decoder.config.to_dict(), "tokenizer": tokenizer_spec}
+        if image_encoder is not None:
+            self.hparams.vision = {"encoder": image_encoder.config.to_dict()}
+        if speech_encoder is not None:
+            self.hparams.speech = {
+                "encoder": speech_encoder.config.to_dict(),
+                "adapter": (speech or {}).get("adapter"),
+            }
+
+        self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self.task_metrics = nn.ModuleDict({s: self._task_metrics() for s in ("val", "test")})
+        self.predictions: dict[str, list[dict]] = {"val": [], "test": []}
+
+    @staticmethod
+    def _task_metrics() -> nn.ModuleDict:
+        return nn.ModuleDict(
+            {
+                "top1": MeanMetric(),
+                "wer": WordErrorRate(),
+                "bleu_st": SacreBLEUScore(tokenize="13a"),
+                "bleu_mt": SacreBLEUScore(tokenize="13a"),
+                "passkey_acc": MeanMetric(),
+            }
+        )
+
+    def data_requirements(self) -> tuple:
+        """(tokenizer, speech placeholder count, image size, image channels) for the data."""
+        encoder = self.model.image_encoder
+        size, channels = (
+            (32, 1) if encoder is None else (encoder.config.img_size, encoder.config.in_chans)
+        )
+        speech_tokens = self.model.speech_tokens if self.model.speech_encoder is not None else None
+        return self.tokenizer, speech_tokens, size, channels
+
+    def on_fit_start(self) -> None:
+        for logger in self.loggers:
+            if hasattr(logger, "log_metrics"):
+                logger.log_metrics(
+                    {f"model/{k}_params": float(v) for k, v in self.parameter_counts.items()},
+                    step=0,
+                )
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _inputs(self, batch: dict) -> dict:
+        return {
+            k: batch[k] for k in ("images", "has_image", "audio", "audio_lengths") if k in batch
+        }
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.hidden_states(batch["input_ids"], **self._inputs(batch))  # [B, T, D]
+        return chunked_cross_entropy(
+            hidden, self.model.decoder.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def answer(self, batch: dict, b: int) -> str:
+        """Generate the answer of sample `b` of a batch from its prompt."""
+        prompt = batch["input_ids"][b : b + 1, : int(batch["prompt_len"][b])]
+        images = None
+        if "images" in batch and bool(batch["has_image"][b]):
+            images = batch["images"][b : b + 1]
+        audio = None
+        if "audio" in batch and int(batch["audio_lengths"][b]) > 0:
+            audio = batch["audio"][b : b + 1, : int(batch["audio_lengths"][b])]
+        ids = self.model.generate(
+            prompt,
+            self.hparams.max_new_tokens,
+            stop_ids=(self.tokenizer.eot_id, self.tokenizer.eos_id),
+            images=images,
+            audio=audio,
+        )
+        return self.tokenizer.decode(ids).strip()
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        loss, n_tokens = self.loss(batch)
+        self.eval_loss[split].update(loss, weight=n_tokens)
+        metrics = self.task_metrics[split]
+        for b, task in enumerate(batch["task"]):
+            prediction, reference = self.answer(batch, b), batch["answer"][b]
+            name = TASK_METRIC[task]
+            if name in ("top1", "passkey_acc"):
+                metrics[name].update(float(prediction == reference))
+            elif name == "wer":
+                metrics[name].update([prediction], [reference])
+            else:
+                metrics[name].update([prediction], [[reference]])
+            if sum(p["task"] == task for p in self.predictions[split]) < 4:
+                self.predictions[split].append(
+                    {
+                        "task": task,
+                        "prediction": prediction,
+                        "reference": reference,
+                        "image": batch["images"][b].cpu() if task == "image" else None,
+                        "audio": batch["audio"][b, : int(batch["audio_lengths"][b])].cpu()
+                        if task in ("asr", "st")
+                        else None,
+                    }
+                )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_eval(self, split: str) -> None:
+        self.log(f"{split}/loss", self.eval_loss[split].compute(), prog_bar=split == "val")
+        self.eval_loss[split].reset()
+        seen = {TASK_METRIC[p["task"]] for p in self.predictions[split]}
+        for name, metric in self.task_metrics[split].items():
+            if name in seen:
+                value = metric.compute()
+                # BLEU and accuracies in percent-free [0, 1] from torchmetrics; report BLEU x100
+                if name.startswith("bleu"):
+                    value = value * 100
+                self.log(f"{split}/{name}", value, prog_bar=split == "val" and name == "top1")
+            metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self.predictions["val"] = []
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions["test"] = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/grad_norm", grad_norm(self.model), on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        return build_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+
+
+__all__ = ["TASKS", "FusionSystem"]
