@@ -1,0 +1,204 @@
+"""The composed multimodal model: placeholders, gates, fine-tuning strategies, LoRA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from herd.data.multimodal import Example, ExampleDataset, collate, encode_example
+from herd.data.tokenizer import load_tokenizer
+from herd.models.fusion import FusionModel
+from herd.models.llama import Llama, LlamaConfig
+from herd.models.lora import LoRALinear, add_lora, merge_lora
+from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
+from herd.models.vision import ImageEncoder, ImageEncoderConfig
+from herd.systems.finetune import STRATEGIES, apply_finetune_strategy, is_decoder_core
+
+TOKENIZER = load_tokenizer("bytes")
+SPECIAL = TOKENIZER.special_ids
+
+
+def tiny_fusion(image=True, speech=True, every=1) -> FusionModel:
+    torch.manual_seed(0)
+    decoder = Llama(LlamaConfig.from_flavor("tiny", vocab_size=TOKENIZER.vocab_size))
+    image_encoder = (
+        ImageEncoder(
+            ImageEncoderConfig(
+                img_size=16,
+                patch_size=4,
+                feature_layers=(0,),
+                lm_dim=32,  # not the decoder's 64: the fusion model re-projects
+                backbone_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2},
+            )
+        )
+        if image
+        else None
+    )
+    speech_encoder = (
+        SpeechEncoder(SpeechEncoderConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, dropout=0.0))
+        if speech
+        else None
+    )
+    return FusionModel(
+        decoder,
+        SPECIAL["<|image|>"],
+        SPECIAL["<|speech|>"],
+        image_encoder,
+        speech_encoder,
+        cross_attention_every=every,
+        speech_adapter={"dim": 32, "n_heads": 2, "ffn_dim": 64},
+    ).eval()
+
+
+def batch_of(model: FusionModel, examples: list[Example]) -> dict:
+    data = ExampleDataset(examples, TOKENIZER, model.speech_tokens)
+    return collate([data[i] for i in range(len(data))], TOKENIZER.pad_id)
+
+
+def inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("images", "has_image", "audio", "audio_lengths") if k in batch}
+
+
+EXAMPLES = [
+    Example("image", "<|image|>which digit?", "seven", image=torch.rand(1, 16, 16) * 2 - 1),
+    Example("asr", "<|speech|>transcribe.", "one two three four", audio=torch.randn(8000) * 0.1),
+    Example("mt", "translate into german: one two three four", "eins zwei drei vier"),
+]
+
+
+def test_prompt_layout_and_answer_only_labels():
+    model = tiny_fusion()
+    encoded = encode_example(EXAMPLES[1], TOKENIZER, model.speech_tokens)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    n_speech = ids.count(SPECIAL["<|speech|>"])
+    # 0.5 s: 48 mel frames (25 ms windows, 10 ms hop) -> 12 of 40 ms -> 6 embeddings of 80 ms
+    assert n_speech == model.speech_tokens(8000) == 6
+    answer = TOKENIZER.encode("one two three four") + [TOKENIZER.eot_id]
+    assert [t for t in labels if t != -100] == answer
+    assert ids[-len(answer) :] == answer and len(ids) == encoded["prompt_len"] + len(answer)
+
+
+def test_speech_embeddings_land_exactly_on_the_placeholders():
+    model = tiny_fusion()
+    batch = batch_of(model, EXAMPLES)
+    tokens = batch["input_ids"]
+    embeds = model.embed(tokens, batch["audio"], batch["audio_lengths"])
+    plain = model.decoder.embed_tokens(tokens)
+    placeholders = tokens == SPECIAL["<|speech|>"]
+    hidden, lengths = model.speech_encoder(batch["audio"][1:2], batch["audio_lengths"][1:2])
+    speech, _ = model.speech_adapter(hidden, lengths)  # [1, L, D]
+    torch.testing.assert_close(embeds[placeholders], speech[0])
+    assert torch.equal(embeds[~placeholders], plain[~placeholders])  # nothing else moved
+
+
+def test_without_media_and_with_zero_gates_the_decoder_alone_is_reproduced():
+    model = tiny_fusion()
+    decoder_alone = copy.deepcopy(model.decoder)
+    batch = batch_of(model, EXAMPLES)
+    with torch.no_grad():
+        fused = model(batch["input_ids"], **inputs(batch))
+        # text-only sample: bit-identical to the plain decoder
+        text_only = batch["input_ids"][2:3]
+        assert torch.equal(model(text_only), decoder_alone(text_only))
+        # with an image attached, gates at 0 still leave the logits unchanged
+        image_row = batch["input_ids"][0:1]
+        with_image = model(image_row, images=batch["images"][0:1])
+        assert torch.equal(with_image, decoder_alone(image_row))
+    assert fused.shape == (*batch["input_ids"].shape, TOKENIZER.vocab_size)
+
+
+def test_text_before_the_image_does_not_see_it():
+    model = tiny_fusion()
+    for layer in model.decoder.layers:
+        if hasattr(layer, "cross_attn"):
+            torch.nn.init.constant_(layer.cross_attn.gate_attn, 1.0)
+            torch.nn.init.constant_(layer.cross_attn.gate_mlp, 1.0)
+    tokens = torch.tensor([[*TOKENIZER.encode("look:"), SPECIAL["<|image|>"], 50, 51]])
+    images = [torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)]
+    with torch.no_grad():
+        a, b = (model(tokens, images=im) for im in images)
+    cut = tokens[0].tolist().index(SPECIAL["<|image|>"])
+    assert torch.equal(a[:, :cut], b[:, :cut])  # before the image: identical
+    assert not torch.allclose(a[:, cut:], b[:, cut:])  # from the image on: it matters
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_frozen_parts_stay_put_and_trainable_counts_match(strategy):
+    model = tiny_fusion()
+    counts = apply_finetune_strategy(model, strategy, top_layers=1, lora={"rank": 2})
+    named = dict(model.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    core = {n for n in named if is_decoder_core(n)}
+    top_layer = f"decoder.layers.{len(model.decoder.layers) - 1}."
+    expected_core = {
+        "full": core,
+        "partial": {n for n in core if n.startswith((top_layer, "decoder.norm."))},
+        "adapter": set(),
+        "lora": set(),
+    }[strategy]
+    assert trainable & core == expected_core
+    assert trainable - core == set(named) - core  # encoders, adapters (and LoRA) always train
+    assert any(".lora_" in n for n in named) == (strategy == "lora")
+    assert counts["trainable"] == sum(named[n].numel() for n in trainable)
+    assert counts["frozen"] == sum(p.numel() for n, p in named.items() if n not in trainable)
+
+    model.train()
+    before = {n: p.detach().clone() for n, p in named.items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    # gates at 0 would hide the adapters from the gradient: open them a little
+    for layer in model.decoder.layers:
+        if hasattr(layer, "cross_attn"):
+            torch.nn.init.constant_(layer.cross_attn.gate_attn, 0.5)
+    before_gates = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = batch_of(model, EXAMPLES)
+    logits = model(batch["input_ids"], **inputs(batch))
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100
+    )
+    loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before_gates[name])
+        if name not in trainable:
+            assert not moved and p.grad is None, name
+    changed_core = {n for n in core if not torch.equal(named[n], before[n])}
+    assert changed_core <= expected_core
+    if strategy != "adapter" and strategy != "lora":
+        assert changed_core  # some of the decoder did learn
+
+
+def test_merged_lora_computes_what_the_adapted_model_computes():
+    torch.manual_seed(0)
+    decoder = Llama(LlamaConfig.from_flavor("tiny", vocab_size=TOKENIZER.vocab_size))
+    original = copy.deepcopy(decoder)
+    assert add_lora(decoder, rank=4, alpha=8.0) == 7 * len(decoder.layers)
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(decoder(tokens), original(tokens))  # B = 0: unchanged at first
+        for module in decoder.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_b.normal_(std=0.1)
+        adapted = decoder(tokens)
+        assert not torch.allclose(adapted, original(tokens))
+        assert merge_lora(decoder) == 7 * len(decoder.layers)
+        assert not any(isinstance(m, LoRALinear) for m in decoder.modules())
+        torch.testing.assert_close(decoder(tokens), adapted, atol=1e-5, rtol=0)
+    # the merged model has the original's parameter names: it exports like any decoder
+    assert set(dict(decoder.named_parameters())) == set(dict(original.named_parameters()))
+
+
+def test_generation_stops_at_the_stop_token_and_keeps_media():
+    model = tiny_fusion()
+    batch = batch_of(model, EXAMPLES[:1])
+    prompt = batch["input_ids"][:, : int(batch["prompt_len"][0])]
+    out = model.generate(prompt, 5, images=batch["images"])
+    assert len(out) == 5
+    # with a cache, the answer equals step-by-step recomputation of the whole sequence
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = model(tokens, images=batch["images"])[:, -1].argmax(-1)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    assert out == tokens[0, prompt.shape[1] :].tolist()
