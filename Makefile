@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install herd with its dev tools
 
-train: $(STAMP)  ## the default job on the embedded data, on CPU, in minutes
-	$(BIN)/herd-train $(ARGS)
+train: $(STAMP)  ## the staged recipe (language -> vision -> speech -> fusion) on the embedded data, CPU
+	$(BIN)/herd-recipe $(ARGS)
 
 test: $(STAMP)  ## the whole test suite
 	$(BIN)/pytest -q $(ARGS)
