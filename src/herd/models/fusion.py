@@ -125,12 +125,21 @@ class FusionModel(nn.Module):
             sees = sees & has_image[:, None]
         return {"media": media, "media_mask": sees[:, :, None].expand(B, T, media.shape[1])}
 
-    def encode_images(self, images: torch.Tensor | None) -> torch.Tensor | None:
+    def encode_images(
+        self, images: torch.Tensor | None, has_image: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """images [B, C, H, W] -> media [B, N, D]; rows without an image are not encoded
+        (their media stay zero and no text row attends to them)."""
         if images is None:
             return None
         if self.image_encoder is None:
             raise ConfigError("A sample has an image but this fusion model has no image encoder.")
-        return self.image_encoder(images)  # [B, N, D]
+        if has_image is None or bool(has_image.all()):
+            return self.image_encoder(images)  # [B, N, D]
+        encoded = self.image_encoder(images[has_image])  # [B', N, D]
+        media = encoded.new_zeros(images.shape[0], *encoded.shape[1:])
+        media[has_image] = encoded
+        return media
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -145,7 +154,7 @@ class FusionModel(nn.Module):
         return self.decoder.hidden_states(
             tokens,
             inputs_embeds=self.embed(tokens, audio, audio_lengths),
-            **self.image_media(tokens, self.encode_images(images), has_image),
+            **self.image_media(tokens, self.encode_images(images, has_image), has_image),
         )
 
     def forward(self, tokens: torch.Tensor, **inputs) -> torch.Tensor:  # -> logits [B, T, V]
