@@ -76,8 +76,12 @@ def test_prompt_layout_and_answer_only_labels():
     # 0.5 s: 48 mel frames (25 ms windows, 10 ms hop) -> 12 of 40 ms -> 6 embeddings of 80 ms
     assert n_speech == model.speech_tokens(8000) == 6
     answer = TOKENIZER.encode("one two three four") + [TOKENIZER.eot_id]
-    assert [t for t in labels if t != -100] == answer
     assert ids[-len(answer) :] == answer and len(ids) == encoded["prompt_len"] + len(answer)
+    # labels are next-token targets on the answer only: position t predicts ids[t + 1]
+    targets = [(t, y) for t, y in enumerate(labels) if y != -100]
+    assert [y for _, y in targets] == answer
+    assert all(ids[t + 1] == y for t, y in targets)
+    assert targets[0][0] == encoded["prompt_len"] - 1
 
 
 def test_speech_embeddings_land_exactly_on_the_placeholders():

@@ -80,7 +80,8 @@ def encode_example(
     tokenizer: Tokenizer,
     speech_tokens: Callable[[int], int] | None = None,
 ) -> dict:
-    """Example -> {"input_ids", "labels"} (lists of ints) in the chat format; `<|speech|>`
+    """Example -> {"input_ids", "labels" (next-token targets, answer only), "prompt_len"}
+    in the chat format; `<|speech|>`
     becomes `speech_tokens(num_samples)` placeholders, one per speech-adapter output."""
     special = tokenizer.special_ids
     start, end, eot = special["<|start_header_id|>"], special["<|end_header_id|>"], tokenizer.eot_id
@@ -100,9 +101,11 @@ def encode_example(
             prompt += tokenizer.encode(text) if text else []
     context = [tokenizer.bos_id, *header("user"), *prompt, eot, *header("assistant")]
     answer = [*tokenizer.encode(example.answer), eot]
+    # next-token labels: the last context token predicts the first answer token, ...,
+    # the last answer token predicts <|eot_id|>, and <|eot_id|> itself predicts nothing
     return {
         "input_ids": context + answer,
-        "labels": [IGNORE_INDEX] * len(context) + answer,
+        "labels": [IGNORE_INDEX] * (len(context) - 1) + answer + [IGNORE_INDEX],
         "prompt_len": len(context),
     }
 
