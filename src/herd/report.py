@@ -1,8 +1,32 @@
-"""herd-report RUN_OR_SWEEP_DIR: one table of every run's settings and final metrics.
+"""herd-report MULTIRUN_DIR: one table of a sweep's settings and final metrics, with plots.
 
-Finds each `metrics.json` below the directory, pairs it with the run's Hydra overrides
-(`.hydra/overrides.yaml`), and writes `report.md` and `report.csv` beside them. Runs that
-never wrote metrics (failed or still running) are listed, not fatal.
+    herd-report logs/train/multiruns/2026-11-26_10-00-00
+    herd-report experiments/context_ablation/runs --claims experiments/context_ablation/claims.yaml
+    herd-report DIR --claims claims.yaml --baseline context=512t --treatment context=8k
+
+Every job directory below MULTIRUN_DIR (one holding `.hydra/`) is read: its overrides
+(`.hydra/overrides.yaml`), resolved config (`.hydra/config.yaml`), `metrics.json` and
+TensorBoard events. Jobs with the same overrides apart from `seed` form one setting; the
+override keys that differ between jobs are the table's columns, and each metric is the
+mean ± sample std over the setting's seeds. Written into MULTIRUN_DIR:
+
+    report.md          settings table, missing or failed jobs, claims table, git revision, machine
+    report.csv         the same table, one row per setting, `<metric> mean` and `<metric> std`
+    loss_curves.png    train/loss (and val/loss) of every job against the step, one colour per setting
+    metrics.png        bars of the final test/ and val/ metrics per setting, std as error bars
+
+A partial sweep is fine: jobs without metrics.json, and jobs that Hydra's multirun.yaml lists
+but that never started, are named in "Missing or failed jobs" with the error line of their log.
+
+`--claims FILE` compares a paper's claimed relative changes with the measured ones:
+
+    test/bleu:
+      claimed_relative_change: 0.15        # +15 %
+      baseline: {context: 8k}              # override key=value pairs that select the jobs
+      treatment: {context: 128k}
+
+The measured change is (treatment - baseline) / |baseline| of the means over every job that
+matches the selector and has the metric (all seeds, and all settings of other swept keys).
 """
 
 from __future__ import annotations
@@ -10,68 +34,599 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import os
+import platform
+import re
+import statistics
 import sys
 from pathlib import Path
 
 import yaml
 
+from herd.errors import ConfigError
 
-def collect(root: Path) -> tuple[list[dict], list[Path]]:
-    rows, missing = [], []
-    for hydra_dir in sorted(root.rglob(".hydra")):
-        run_dir = hydra_dir.parent
-        overrides_file = hydra_dir / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        metrics_file = run_dir / "metrics.json"
-        if not metrics_file.is_file():
-            missing.append(run_dir)
+# The override key that names a repetition, not a setting.
+SEED_KEY = "seed"
+# TensorBoard scalar tags drawn in loss_curves.png, one panel each, when any job logged them.
+CURVE_TAGS = ("train/loss", "val/loss")
+# Metric prefixes drawn in metrics.png (final evaluation numbers, not training statistics).
+BAR_PREFIXES = ("test/", "val/")
+# A log line worth quoting for a failed job.
+ERROR_LINE = re.compile(r"herd: error:|Error")
+
+
+# --------------------------------------------------------------------------- collecting jobs
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """`key=value` override strings as {key: value}; `+`/`++` prefixes dropped, deletions
+    (`~key`) and bare flags ignored."""
+    settings = {}
+    for override in overrides or []:
+        if "=" not in override or override.startswith("~"):
             continue
-        settings = dict(o.split("=", 1) for o in overrides or [] if "=" in o)
-        rows.append(
-            {
-                "run": str(run_dir.relative_to(root)) or ".",
-                **settings,
-                **json.loads(metrics_file.read_text()),
-            }
-        )
-    return rows, missing
+        key, value = override.split("=", 1)
+        settings[key.lstrip("+")] = value
+    return settings
 
 
-def to_markdown(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+def read_yaml(path: Path):
+    """A YAML file's content, or None when the file is missing or unreadable."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+
+def error_line(job_dir: Path) -> str | None:
+    """The last line of the job's `*.log` files that reports an error, or None."""
+    found = None
+    for log_file in sorted(job_dir.glob("*.log")):
+        try:
+            lines = log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if ERROR_LINE.search(line):
+                found = line.strip()
+    return found
+
+
+def read_job(root: Path, job_dir: Path) -> dict:
+    """One job: its directory (relative to root), overrides, resolved config, metrics (None
+    when metrics.json is missing or unreadable) and seed."""
+    overrides = parse_overrides(read_yaml(job_dir / ".hydra" / "overrides.yaml") or [])
+    config = read_yaml(job_dir / ".hydra" / "config.yaml") or {}
+    metrics = None
+    metrics_file = job_dir / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            metrics = {k: float(v) for k, v in json.loads(metrics_file.read_text()).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            metrics = None
+    seed = overrides.get(SEED_KEY, config.get(SEED_KEY) if isinstance(config, dict) else None)
+    return {
+        "name": str(job_dir.relative_to(root)) if job_dir != root else ".",
+        "dir": job_dir,
+        "overrides": overrides,
+        "config": config if isinstance(config, dict) else {},
+        "metrics": metrics,
+        "seed": seed,
+    }
+
+
+def find_jobs(root: Path) -> list[dict]:
+    """Every job directory below root (a directory holding `.hydra/`), in path order."""
+    job_dirs = sorted({hydra_dir.parent for hydra_dir in root.rglob(".hydra")})
+    return [read_job(root, job_dir) for job_dir in job_dirs]
+
+
+def never_started(root: Path, jobs: list[dict]) -> list[str]:
+    """The jobs that root's multirun.yaml lists but that have no directory: a sweep cut short.
+
+    Only Hydra's basic sweeper enumerates its jobs in advance (job number = subdir); for
+    other sweepers (Optuna) nothing is reported here."""
+    multirun = read_yaml(root / "multirun.yaml")
+    hydra_cfg = (multirun or {}).get("hydra") or {}
+    sweeper = str((hydra_cfg.get("sweeper") or {}).get("_target_", ""))
+    if not sweeper.endswith("BasicSweeper") or hydra_cfg.get("sweep", {}).get("subdir") not in (
+        "${hydra.job.num}",
+        None,
+    ):
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = list((hydra_cfg.get("overrides") or {}).get("task") or [])
+    task += [f"{k}={v}" for k, v in ((hydra_cfg.get("sweeper") or {}).get("params") or {}).items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides(task)
+        batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    except Exception:  # an unparsable listing must not stop the report
+        return []
+    planned = [job for batch in batches for job in batch]
+    present = {job["name"] for job in jobs}
+    return [
+        f"{num} ({' '.join(overrides)})"
+        for num, overrides in enumerate(planned)
+        if str(num) not in present
+    ]
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def swept_keys(jobs: list[dict]) -> list[str]:
+    """The override keys whose values differ between jobs (or are absent in some), in the
+    order they first appear; the seed is a repetition, not a setting."""
+    keys = list(dict.fromkeys(k for job in jobs for k in job["overrides"]))
+    return [
+        key
+        for key in keys
+        if key != SEED_KEY and len({job["overrides"].get(key) for job in jobs}) > 1
+    ]
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def metric_order(names) -> list[str]:
+    """test/ first, then val/, then the rest, each alphabetical."""
+    rank = {"test": 0, "val": 1}
+    return sorted(set(names), key=lambda n: (rank.get(n.split("/")[0], 2), n))
+
+
+def settings_table(jobs: list[dict], keys: list[str]) -> list[dict]:
+    """One row per setting of `keys` over the jobs with metrics: the setting, its jobs and
+    seeds, n, and per metric the mean and std over the setting's jobs."""
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        if job["metrics"] is not None:
+            setting = tuple(job["overrides"].get(k) for k in keys)
+            groups.setdefault(setting, []).append(job)
+    rows = []
+    for setting, members in groups.items():
+        names = metric_order(n for job in members for n in job["metrics"])
+        row = {
+            "setting": dict(zip(keys, setting, strict=True)),
+            "jobs": [job["name"] for job in members],
+            "seeds": [job["seed"] for job in members],
+            "n": len(members),
+            "metrics": {},
+        }
+        for name in names:
+            values = [job["metrics"][name] for job in members if name in job["metrics"]]
+            row["metrics"][name] = (*mean_std(values), len(values))
+        rows.append(row)
+    return rows
+
+
+def fmt_number(value: float | None) -> str:
+    """A metric value in 4 significant digits ('' for None)."""
+    return "" if value is None else f"{value:.4g}"
+
+
+def fmt_mean_std(mean: float, std: float | None) -> str:
+    """'mean ± std', or the mean alone for a single seed."""
+    return fmt_number(mean) if std is None else f"{fmt_number(mean)} ± {fmt_number(std)}"
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="herd-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("directory", type=Path, help="a run or a multirun (sweep) directory")
-    args = parser.parse_args(argv)
-    root = args.directory
+def settings_markdown(rows: list[dict], keys: list[str], metrics: list[str]) -> str:
+    """The settings table: swept keys, n, seeds, one 'mean ± std' column per metric."""
+    header = [*keys, "n", "seeds", *metrics, "jobs"]
+    body = []
+    for row in rows:
+        cells = [str(row["setting"][k]) if row["setting"][k] is not None else "" for k in keys]
+        cells += [str(row["n"]), ",".join(str(s) for s in row["seeds"])]
+        for name in metrics:
+            mean, std, _ = row["metrics"].get(name, (None, None, 0))
+            cells.append("" if mean is None else fmt_mean_std(mean, std))
+        cells.append(", ".join(row["jobs"]))
+        body.append(cells)
+    return markdown_table(header, body)
+
+
+def write_csv(path: Path, rows: list[dict], keys: list[str], metrics: list[str]) -> None:
+    """report.csv: one row per setting; numbers unrounded, std empty for a single seed."""
+    header = [*keys, "n", "seeds", *(f"{m} {s}" for m in metrics for s in ("mean", "std")), "jobs"]
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for row in rows:
+            cells = [row["setting"][k] or "" for k in keys]
+            cells += [row["n"], " ".join(str(s) for s in row["seeds"])]
+            for name in metrics:
+                mean, std, _ = row["metrics"].get(name, (None, None, 0))
+                cells += ["" if mean is None else mean, "" if std is None else std]
+            cells.append(" ".join(row["jobs"]))
+            writer.writerow(cells)
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def parse_selector(items: list[str] | None) -> dict[str, str] | None:
+    """`key=value` command-line pairs as a selector, or None when none were given."""
+    if not items:
+        return None
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ConfigError(f"Selector {bad[0]!r} is not key=value (e.g. --baseline context=8k).")
+    return dict(item.split("=", 1) for item in items)
+
+
+def load_claims(path: Path) -> dict[str, dict]:
+    """The claims file: {metric: {claimed_relative_change, baseline, treatment}}, checked."""
+    if not path.is_file():
+        raise ConfigError(f"Claims file {path} does not exist.")
+    try:
+        claims = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Claims file {path} is not valid YAML: {exc}") from None
+    if not isinstance(claims, dict) or not claims:
+        raise ConfigError(f"Claims file {path} must map metric names to claims.")
+    for metric, claim in claims.items():
+        needed = ("claimed_relative_change", "baseline", "treatment")
+        if not isinstance(claim, dict) or any(k not in claim for k in needed):
+            raise ConfigError(
+                f"Claim {metric!r} in {path} needs claimed_relative_change, baseline and "
+                "treatment (e.g. baseline: {context: 8k})."
+            )
+    return claims
+
+
+def config_value(config: dict, dotted_key: str):
+    """The value at a dotted key of a nested config dict, or None."""
+    node = config
+    for part in dotted_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def same_value(measured, wanted) -> bool:
+    """Whether a job's setting equals a selector's value: as text, or as numbers (1e-3 == 0.001)."""
+    if measured is None:
+        return False
+    if str(measured) == str(wanted):
+        return True
+    try:
+        return math.isclose(float(measured), float(wanted), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return False
+
+
+def matches(job: dict, selector: dict) -> bool:
+    """Whether a job has every key=value of the selector, as an override or, for keys it did
+    not override, in its resolved config."""
+    for key, wanted in selector.items():
+        value = job["overrides"].get(key)
+        if value is None:
+            value = config_value(job["config"], key)
+        if not same_value(value, wanted):
+            return False
+    return True
+
+
+def selector_text(selector: dict) -> str:
+    """A selector as `key=value` text."""
+    return " ".join(f"{k}={v}" for k, v in selector.items())
+
+
+def claims_rows(claims: dict, jobs: list[dict], baseline=None, treatment=None) -> list[dict]:
+    """Per claimed metric: the claimed and the measured relative change (None when either
+    side has no job with the metric). `baseline`/`treatment` replace the file's selectors."""
+    rows = []
+    for metric, claim in claims.items():
+        sides = {}
+        for side, override in (("baseline", baseline), ("treatment", treatment)):
+            selector = override or claim[side]
+            values = [
+                job["metrics"][metric]
+                for job in jobs
+                if job["metrics"] and metric in job["metrics"] and matches(job, selector)
+            ]
+            sides[side] = (selector, statistics.fmean(values) if values else None, len(values))
+        base, treat = sides["baseline"][1], sides["treatment"][1]
+        measured = (
+            (treat - base) / abs(base) if base not in (None, 0) and treat is not None else None
+        )
+        rows.append(
+            {
+                "metric": metric,
+                "claimed": float(claim["claimed_relative_change"]),
+                "measured": measured,
+                **{side: sides[side] for side in sides},
+            }
+        )
+    return rows
+
+
+def fmt_percent(value: float | None) -> str:
+    """A relative change as a signed percentage ('not measured' for None)."""
+    return "not measured" if value is None else f"{100 * value:+.1f}%"
+
+
+def claims_markdown(rows: list[dict]) -> str:
+    """The "Claimed vs measured" table."""
+    header = ["metric", "baseline", "treatment", "baseline mean (n)", "treatment mean (n)"]
+    header += ["claimed change", "measured change", "same direction"]
+    body = []
+    for row in rows:
+        (base_sel, base, base_n), (treat_sel, treat, treat_n) = row["baseline"], row["treatment"]
+        direction = ""
+        if row["measured"] is not None:
+            direction = "yes" if row["measured"] * row["claimed"] > 0 else "no"
+        body.append(
+            [
+                row["metric"],
+                selector_text(base_sel),
+                selector_text(treat_sel),
+                f"{fmt_number(base)} ({base_n})",
+                f"{fmt_number(treat)} ({treat_n})",
+                fmt_percent(row["claimed"]),
+                fmt_percent(row["measured"]),
+                direction,
+            ]
+        )
+    return markdown_table(header, body)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def short_value(value) -> str:
+    """A setting's value for a plot: long decimals (Optuna's learning rates) to 4 digits."""
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return text if len(text) <= 8 else f"{number:.4g}"
+
+
+def setting_label(setting: dict, sep: str = " ") -> str:
+    """A setting as short legend text (`all jobs` when nothing was swept)."""
+    return sep.join(f"{k}={short_value(v)}" for k, v in setting.items()) or "all jobs"
+
+
+def read_curves(job_dir: Path, tags=CURVE_TAGS) -> dict[str, list[tuple[int, float]]]:
+    """The job's TensorBoard scalars for `tags` as {tag: [(step, value)]}, from every
+    directory of the job holding event files (later files win on a repeated step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dirs = sorted({p.parent for p in job_dir.rglob("events.out.tfevents*")})
+    curves: dict[str, dict[int, float]] = {}
+    for event_dir in event_dirs:
+        accumulator = EventAccumulator(str(event_dir), size_guidance={"scalars": 0})
+        try:
+            accumulator.Reload()
+        except Exception:  # a truncated event file (killed job) must not stop the report
+            continue
+        for tag in tags:
+            if tag in accumulator.Tags().get("scalars", []):
+                for event in accumulator.Scalars(tag):
+                    curves.setdefault(tag, {})[event.step] = event.value
+    return {tag: sorted(points.items()) for tag, points in curves.items()}
+
+
+def plot_loss_curves(path: Path, rows: list[dict], jobs_by_name: dict[str, dict]) -> bool:
+    """loss_curves.png: one panel per tag with curves, one line per job, one colour per
+    setting. False (no file) when no job logged a loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: read_curves(job["dir"]) for name, job in jobs_by_name.items()}
+    tags = [tag for tag in CURVE_TAGS if any(tag in c for c in curves.values())]
+    if not tags:
+        return False
+    fig, axes = plt.subplots(1, len(tags), figsize=(6 * len(tags), 4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, tag in zip(axes[0], tags, strict=True):
+        for index, row in enumerate(rows):
+            colour = colours[index % len(colours)]
+            label = setting_label(row["setting"])
+            for job_name in row["jobs"]:
+                points = curves[job_name].get(tag)
+                if points:
+                    steps, values = zip(*points, strict=True)
+                    ax.plot(steps, values, color=colour, alpha=0.8, label=label, marker=".")
+                    label = None  # one legend entry per setting, not per seed
+        ax.set_title(tag)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_metric_bars(path: Path, rows: list[dict], metrics: list[str]) -> bool:
+    """metrics.png: one bar chart per final test/ or val/ metric, one bar per setting with
+    the std over seeds as error bar. False (no file) when there is no such metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in metrics if m.startswith(BAR_PREFIXES)]
+    if not shown:
+        return False
+    columns = min(3, len(shown))
+    lines = math.ceil(len(shown) / columns)
+    width = max(4.0, 0.8 * len(rows) + 2)
+    fig, axes = plt.subplots(lines, columns, figsize=(width * columns, 3.5 * lines), squeeze=False)
+    keys = list(rows[0]["setting"])
+    if len(keys) == 1:  # the key once as the axis title, the values under the bars
+        labels = [short_value(row["setting"][keys[0]]) for row in rows]
+    else:
+        labels = [setting_label(row["setting"], sep="\n") for row in rows]
+    for ax, metric in zip(axes.flat, shown, strict=False):
+        means = [row["metrics"].get(metric, (math.nan, None, 0))[0] for row in rows]
+        stds = [row["metrics"].get(metric, (math.nan, None, 0))[1] or 0.0 for row in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, fontsize="small")
+        ax.set_title(metric)
+        ax.set_xlabel(keys[0] if len(keys) == 1 else "")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def machine() -> str:
+    """Where the report was made: platform, CPU count, torch version and CUDA device."""
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    return (
+        f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {device}"
+    )
+
+
+def missing_markdown(root: Path, failed: list[dict], unstarted: list[str]) -> str:
+    """The "Missing or failed jobs" list: each job directory with its log's error line."""
+    lines = []
+    for job in failed:
+        error = error_line(job["dir"])
+        note = (
+            f": `{error}`"
+            if error
+            else ": no metrics.json (failed or unfinished), no error in its log"
+        )
+        lines.append(f"- `{job['name']}`{note}")
+    lines += [f"- job {entry}: listed in multirun.yaml, never started" for entry in unstarted]
+    return "\n".join(lines)
+
+
+def build_report(root: Path, claims_file: Path | None = None, baseline=None, treatment=None) -> str:
+    """Write report.md, report.csv, loss_curves.png and metrics.png into root; return the
+    Markdown. Raises ConfigError when no job under root has metrics."""
+    from herd.utils.run import git_revision
+
     if not root.is_dir():
-        print(f"herd-report: error: {root} is not a directory.", file=sys.stderr)
-        return 1
-    rows, missing = collect(root)
-    if not rows:
-        print(f"herd-report: error: no run under {root} has a metrics.json.", file=sys.stderr)
-        return 1
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    table = to_markdown(rows, columns)
-    notes = "".join(
-        f"\n- no metrics (failed or unfinished): {p.relative_to(root)}" for p in missing
-    )
-    report = f"# herd report: {root}\n\n{table}\n" + (
-        f"\n## Missing runs{notes}\n" if missing else ""
-    )
+        raise ConfigError(f"{root} is not a directory; pass a multirun (sweep) or run directory.")
+    claims = load_claims(claims_file) if claims_file else None
+    jobs = find_jobs(root)
+    finished = [job for job in jobs if job["metrics"] is not None]
+    failed = [job for job in jobs if job["metrics"] is None]
+    unstarted = never_started(root, jobs)
+    if not finished:
+        raise ConfigError(
+            f"No job under {root} has a metrics.json ({len(jobs)} job directories found); "
+            "pass the sweep's directory (hydra.sweep.dir) once a job has finished."
+        )
+    keys = swept_keys(jobs)  # failed jobs too: a setting that never finished still varies
+    rows = settings_table(finished, keys)
+    metrics = metric_order(name for row in rows for name in row["metrics"])
+
+    sections = [
+        f"# herd report: {root}",
+        f"{len(finished)} finished job(s) in {len(rows)} setting(s)"
+        + (f", swept: {', '.join(keys)}" if keys else "")
+        + ". Metrics are mean ± sample std over the setting's jobs (seeds); n jobs each.",
+        "## Settings",
+        settings_markdown(rows, keys, metrics),
+    ]
+    if claims:
+        sections += [
+            "## Claimed vs measured",
+            "Relative change (treatment - baseline) / |baseline| of the means over all "
+            "matching jobs with the metric; n = jobs on each side.",
+            claims_markdown(claims_rows(claims, finished, baseline, treatment)),
+        ]
+    if failed or unstarted:
+        sections += ["## Missing or failed jobs", missing_markdown(root, failed, unstarted)]
+    jobs_by_name = {job["name"]: job for job in finished}
+    plots = []
+    if plot_loss_curves(root / "loss_curves.png", rows, jobs_by_name):
+        plots.append("![loss curves](loss_curves.png)")
+    if plot_metric_bars(root / "metrics.png", rows, metrics):
+        plots.append("![final metrics](metrics.png)")
+    if plots:
+        sections += ["## Plots", "\n\n".join(plots)]
+    sections += [
+        "## Provenance",
+        f"- git revision: {git_revision()}\n- machine (this report): {machine()}",
+    ]
+    report = "\n\n".join(sections) + "\n"
     (root / "report.md").write_text(report)
-    with (root / "report.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(report)
+    write_csv(root / "report.csv", rows, keys, metrics)
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="herd-report",
+        description="One table (report.md, report.csv) and plots of a sweep's jobs.",
+    )
+    parser.add_argument("directory", type=Path, help="a multirun (sweep) or run directory")
+    parser.add_argument(
+        "--claims", type=Path, help="YAML of claimed relative changes to put beside the measured"
+    )
+    parser.add_argument(
+        "--baseline",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="select the baseline jobs for every claim (replaces the claims file's baseline)",
+    )
+    parser.add_argument(
+        "--treatment",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="select the treatment jobs for every claim (replaces the claims file's treatment)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="do not print the report")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of herd-report: errors are one line on stderr and exit status 1."""
+    args = parse_args(argv)
+    try:
+        if (args.baseline or args.treatment) and not args.claims:
+            raise ConfigError(
+                "--baseline/--treatment select jobs for --claims; pass --claims FILE."
+            )
+        report = build_report(
+            args.directory,
+            args.claims,
+            parse_selector(args.baseline),
+            parse_selector(args.treatment),
+        )
+    except ConfigError as error:
+        print(f"herd-report: error: {error}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(report)
+    print(
+        f"herd-report: wrote report.md, report.csv and plots to {args.directory}", file=sys.stderr
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ herd-train -m context=512t,2k precision=fp32,bf16_mixed
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from herd.errors import ConfigError
 from herd.systems.common import read_checkpoint_header
 from herd.utils.cli import report_errors
+from herd.utils.ddp_launch import DDP_LAUNCH_ENV, end_ddp_job, use_job_dir_for_ddp_children
 from herd.utils.preflight import check_context, check_hardware
 from herd.utils.run import final_metrics, log_hparams, provenance_of, write_metrics_json
 
@@ -127,7 +129,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @report_errors
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    use_job_dir_for_ddp_children()
+    env_before = {name for name in DDP_LAUNCH_ENV if name in os.environ}
+    try:
+        metrics = train(cfg)
+    finally:
+        end_ddp_job(env_before)
     # the value Hydra sweepers (e.g. Optuna) optimise
     return metrics.get(cfg.get("optimized_metric", "val/loss"))
 
