@@ -1,0 +1,415 @@
+"""The Llama 3 vision parts, read top to bottom.
+
+    images [B, C, H, W]
+      -> timm backbone (any model with `forward_intermediates`: ViT by default, CNN ablation)
+      -> feature maps of the configured intermediate layers + the final one, each on one
+         common grid of N = h x w cells:               [B, C_i, h, w] ... , [B, C_f, h, w]
+      -> final tokens through extra gated self-attention layers  [B, N, C_f]
+      -> concatenated along channels                  [B, N, C_1 + ... + C_f]
+      -> LayerNorm -> linear projection               [B, N, lm_dim]   ("media" tokens)
+
+    media [B, N, D] -> GatedCrossAttention before every k-th decoder layer of the language
+    model: x = x + tanh(g_attn) * CrossAttn(x, media);  x = x + tanh(g_mlp) * MLP(x)
+
+Both gates start at 0, so an untrained adapter leaves the language model's outputs exactly
+unchanged (bit for bit). `add_vision_adapter` wraps decoder layers in place and keeps every
+parameter name of the language model (new ones live under `layers.{i}.cross_attn.*`), so a
+language checkpoint loads into the wrapped model unchanged.
+
+Plain single-device PyTorch: no Lightning, no Hydra. Shape legend: B batch, C channels,
+H x W image size, h x w token grid, N = h * w image tokens, T text tokens, D language
+model width, F concatenated feature width, H/K query/key-value heads, Hd head dim.
+
+Usage (the fusion stage):
+
+    encoder = ImageEncoder(ImageEncoderConfig(backbone="vit_tiny_patch16_224", lm_dim=256))
+    wrapped = add_vision_adapter(llama, every=4)      # [3, 7, ...]; freezes the LM
+    media = encoder(images)                            # [B, N, D]
+    logits = llama(tokens, media=media, media_mask=media_mask)   # [B, T, V]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.errors import ConfigError
+from herd.models.llama import DecoderLayer, FeedForward, Llama, RMSNorm
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    """Architecture of an ImageEncoder. Validated on construction (and against the backbone
+    when the encoder is built).
+
+    Args:
+        backbone: a timm model name; always built with pretrained=False (no network).
+        img_size: square input side in pixels.
+        in_chans: image channels the backbone takes (1 grayscale, 3 RGB).
+        patch_size: ViT patch side (None keeps the model's own); ignored by CNNs.
+        backbone_kwargs: further timm.create_model arguments (e.g. embed_dim, depth, num_heads).
+        feature_layers: 0-indexed entries of the backbone's `feature_info` (ViT: blocks;
+            CNN: stages) whose outputs are concatenated with the final features.
+        token_grid: side of the common token grid every feature map is pooled to; None keeps
+            the final feature map's grid (a ViT's patch grid). CNNs need it: their last stage
+            is tiny (1 x 1 at 32 px).
+        n_gated_layers: extra gated self-attention layers over the final features.
+        gated_heads: heads of those layers (must divide the backbone's final width).
+        lm_dim: width of the language model the tokens are projected to.
+    """
+
+    backbone: str = "vit_tiny_patch16_224"
+    img_size: int = 32
+    in_chans: int = 1
+    patch_size: int | None = 4
+    backbone_kwargs: dict = field(default_factory=dict)
+    feature_layers: tuple[int, ...] = (3, 7)
+    token_grid: int | None = None
+    n_gated_layers: int = 0
+    gated_heads: int = 4
+    lm_dim: int = 256
+
+    def __post_init__(self) -> None:
+        # from YAML: lists and DictConfigs become tuples and dicts
+        object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+        object.__setattr__(self, "backbone_kwargs", dict(self.backbone_kwargs or {}))
+        where = f"image encoder {self.backbone!r}"
+        for name in ("img_size", "in_chans", "gated_heads", "lm_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}.")
+        if self.patch_size is not None and self.patch_size <= 0:
+            raise ConfigError(f"{where}: patch_size must be positive, got {self.patch_size}.")
+        if self.token_grid is not None and self.token_grid <= 0:
+            raise ConfigError(f"{where}: token_grid must be positive, got {self.token_grid}.")
+        if self.n_gated_layers < 0:
+            raise ConfigError(f"{where}: n_gated_layers must be >= 0, got {self.n_gated_layers}.")
+        layers = self.feature_layers
+        if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+            raise ConfigError(
+                f"{where}: feature_layers {list(layers)} must be distinct 0-indexed layers (>= 0)."
+            )
+        if list(layers) != sorted(layers):
+            raise ConfigError(
+                f"{where}: feature_layers {list(layers)} must be in increasing order."
+            )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "feature_layers": list(self.feature_layers)}
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class GatedSelfAttentionBlock(nn.Module):
+    """Pre-norm Transformer block whose two residual branches are scaled by tanh(gate);
+    gates start at 0, so a new block is the identity and grows in as it learns."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.mlp_norm = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.gate_attn = nn.Parameter(torch.zeros(()))
+        self.gate_mlp = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, N, C]
+        B, N, C = x.shape
+        qkv = self.qkv(self.attn_norm(x)).view(B, N, 3, self.n_heads, C // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, C/heads]
+        attn = F.scaled_dot_product_attention(q, k, v)  # image tokens see each other: no mask
+        attn = attn.transpose(1, 2).reshape(B, N, C)
+        x = x + self.gate_attn.tanh() * self.out_proj(attn)
+        return x + self.gate_mlp.tanh() * self.mlp(self.mlp_norm(x))
+
+
+class ImageEncoder(nn.Module):
+    """images [B, in_chans, img_size, img_size] -> media tokens [B, N, lm_dim].
+
+    `intermediates(images)` gives the per-layer feature maps before they are concatenated
+    (see its docstring for shapes); `feature_dim` is the concatenated width F and
+    `num_tokens` the token count N.
+    """
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.backbone = _create_backbone(cfg)
+        if not hasattr(self.backbone, "forward_intermediates"):
+            raise ConfigError(
+                f"timm backbone {cfg.backbone!r} has no forward_intermediates(); pick one that does "
+                "(ViT, DeiT, ResNet, ConvNeXt, EfficientNet, ...)."
+            )
+        feature_info = _feature_channels(self.backbone)  # channels of every selectable layer
+        too_deep = [i for i in cfg.feature_layers if i >= len(feature_info)]
+        if too_deep:
+            raise ConfigError(
+                f"image encoder {cfg.backbone!r} has {len(feature_info)} feature layers "
+                f"(0..{len(feature_info) - 1}); feature_layers {too_deep} are out of range."
+            )
+        final_dim = self.backbone.num_features
+        if final_dim % cfg.gated_heads and cfg.n_gated_layers:
+            raise ConfigError(
+                f"image encoder {cfg.backbone!r}: gated_heads {cfg.gated_heads} does not divide "
+                f"the final feature width {final_dim}."
+            )
+        self.layer_dims = [feature_info[i] for i in cfg.feature_layers] + [final_dim]
+        self.feature_dim = sum(self.layer_dims)  # F
+        self.gated_layers = nn.ModuleList(
+            GatedSelfAttentionBlock(final_dim, cfg.gated_heads) for _ in range(cfg.n_gated_layers)
+        )
+        self.norm = nn.LayerNorm(self.feature_dim)
+        self.projection = nn.Linear(self.feature_dim, cfg.lm_dim)
+        self.num_prefix_tokens = getattr(self.backbone, "num_prefix_tokens", 0)
+
+    @property
+    def num_tokens(self) -> int:
+        """N image tokens per image at the configured img_size."""
+        if self.config.token_grid:
+            return self.config.token_grid**2
+        h, w = self._final_grid((self.config.img_size, self.config.img_size))
+        return h * w
+
+    def _final_grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        patch_embed = getattr(self.backbone, "patch_embed", None)
+        if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
+            return tuple(patch_embed.dynamic_feat_size(image_hw))
+        reduction = self.backbone.feature_info[-1]["reduction"]
+        return (math.ceil(image_hw[0] / reduction), math.ceil(image_hw[1] / reduction))
+
+    def intermediates(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """images [B, C, H, W] -> (maps, final) before pooling to the token grid:
+        maps: one [B, C_i, h_i, w_i] per feature layer (ViT: C_i = embed_dim, h_i x w_i the
+        patch grid; CNN: the stage's channels at H/r_i x W/r_i for its reduction r_i);
+        final: [B, C_f, h_f, w_f], the backbone's last (normed) features, class/register
+        tokens of a ViT dropped."""
+        final, maps = self.backbone.forward_intermediates(
+            images, indices=list(self.config.feature_layers), output_fmt="NCHW"
+        )
+        if not self.config.feature_layers:
+            maps = []
+        if final.ndim == 3:  # ViT-style tokens [B, prefix + h*w, C_f]
+            tokens = final[:, self.num_prefix_tokens :]  # [B, h*w, C_f]
+            h, w = self._final_grid(tuple(images.shape[-2:]))
+            final = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        elif final.shape[1] != self.backbone.num_features:  # NHWC final features (e.g. Swin)
+            final = final.permute(0, 3, 1, 2)
+        return list(maps), final  # [B, C_i, h_i, w_i] each, [B, C_f, h_f, w_f]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W] -> concatenated multi-layer features [B, N, F] (before projection)."""
+        maps, final = self.intermediates(images)
+        grid = self.config.token_grid
+        grid_hw = (grid, grid) if grid else tuple(final.shape[-2:])
+
+        def to_tokens(fmap: torch.Tensor) -> torch.Tensor:  # [B, C, h_i, w_i] -> [B, N, C]
+            if tuple(fmap.shape[-2:]) != grid_hw:
+                # average where the map is finer, repeat cells where it is coarser
+                fmap = F.adaptive_avg_pool2d(fmap, grid_hw)
+            return fmap.flatten(2).transpose(1, 2)
+
+        final_tokens = to_tokens(final)  # [B, N, C_f]
+        for layer in self.gated_layers:
+            final_tokens = layer(final_tokens)
+        return torch.cat([*(to_tokens(m) for m in maps), final_tokens], dim=-1)  # [B, N, F]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, N, lm_dim]
+        return self.projection(self.norm(self.features(images)))
+
+
+def _create_backbone(cfg: ImageEncoderConfig) -> nn.Module:
+    """The timm model, never pretrained (no network), without its classifier head."""
+    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": cfg.in_chans}
+    kwargs.update(cfg.backbone_kwargs)
+    # Transformers fix their position embeddings (and patches) at construction; CNNs take
+    # any image size and refuse these arguments.
+    sized = {"img_size": cfg.img_size}
+    if cfg.patch_size is not None:
+        sized["patch_size"] = cfg.patch_size
+    try:
+        try:
+            return timm.create_model(cfg.backbone, **kwargs, **sized)
+        except TypeError:
+            return timm.create_model(cfg.backbone, **kwargs)
+    except (RuntimeError, TypeError) as exc:  # unknown model name, unknown argument
+        raise ConfigError(f"timm could not build backbone {cfg.backbone!r}: {exc}") from exc
+
+
+def _feature_channels(backbone: nn.Module) -> list[int]:
+    info = backbone.feature_info
+    if hasattr(info, "channels"):  # a timm FeatureInfo
+        return list(info.channels())
+    return [entry["num_chs"] for entry in info]
+
+
+# ----------------------------------------------------------------------------- adapter
+
+
+class GatedCrossAttention(nn.Module):
+    """Text tokens attend to image tokens: GQA with RMSNorm on queries and keys (per head),
+    no RoPE (image tokens have no text position), and a SwiGLU MLP; both branches are scaled
+    by tanh of a scalar gate that starts at 0.
+
+    A text row that may see no image token (media_mask all False for it) gets no update from
+    either branch, so text before its image is exactly as the language model alone sees it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        ffn_dim: int,
+        media_dim: int | None = None,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        if dim % n_heads or n_heads % n_kv_heads:
+            raise ConfigError(
+                f"cross-attention: dim {dim} must divide by n_heads {n_heads}, and n_heads by "
+                f"n_kv_heads {n_kv_heads}."
+            )
+        media_dim = media_dim or dim
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.input_layernorm = RMSNorm(dim, norm_eps)
+        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(media_dim, n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(media_dim, n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, norm_eps)
+        self.post_attention_layernorm = RMSNorm(dim, norm_eps)
+        self.mlp = FeedForward(dim, ffn_dim)
+        self.gate_attn = nn.Parameter(torch.zeros(()))
+        self.gate_mlp = nn.Parameter(torch.zeros(()))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        nn.init.zeros_(self.gate_attn)
+        nn.init.zeros_(self.gate_mlp)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, D] text hidden states
+        media: torch.Tensor,  # [B, N, D_media] image tokens
+        media_mask: torch.Tensor | None = None,  # [B, N] or [B, T, N] bool, True = may attend
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        N = media.shape[1]
+        q = self.q_proj(self.input_layernorm(x)).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(media).view(B, N, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(media).view(B, N, self.n_kv_heads, self.head_dim)
+        q = self.q_norm(q).transpose(1, 2)  # [B, H, T, Hd]
+        k = self.k_norm(k).transpose(1, 2)  # [B, K, N, Hd]
+        v = v.transpose(1, 2)  # [B, K, N, Hd]
+
+        sees_media = None  # [B, T, 1]: rows with at least one visible image token
+        mask = None
+        if media_mask is not None:
+            allowed = media_mask.to(torch.bool)
+            allowed = allowed[:, None, :].expand(B, T, N) if allowed.ndim == 2 else allowed
+            sees_media = allowed.any(dim=-1, keepdim=True)  # [B, T, 1]
+            # A row that sees nothing would be softmax over -inf (NaN); let it see everything
+            # and zero its output below instead.
+            mask = (allowed | ~sees_media)[:, None]  # [B, 1, T, N]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
+        )  # [B, H, T, Hd]
+        attn = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        if sees_media is not None:
+            attn = attn * sees_media  # [B, T, D]
+        x = x + self.gate_attn.tanh() * attn
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        if sees_media is not None:
+            mlp = mlp * sees_media
+        return x + self.gate_mlp.tanh() * mlp  # [B, T, D]
+
+
+class CrossAttentionDecoderLayer(DecoderLayer):
+    """A decoder layer with gated cross-attention to the media in front of it.
+
+    Built from an existing DecoderLayer whose submodules it re-registers under the same
+    names (input_layernorm, self_attn, post_attention_layernorm, mlp), so its parameters
+    keep their names; the adapter's parameters live under `cross_attn.`. Without media it
+    computes exactly what the wrapped layer computes.
+    """
+
+    takes_media = True  # Llama passes media/media_mask only to layers that say so
+
+    def __init__(self, layer: DecoderLayer, cross_attn: GatedCrossAttention):
+        nn.Module.__init__(self)  # DecoderLayer.__init__ would build fresh weights
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        self.cross_attn = cross_attn
+
+    def forward(self, x, cos, sin, mask, cache_start=None, media=None, media_mask=None):
+        if media is not None:
+            x = self.cross_attn(x, media, media_mask)  # [B, T, D]
+        return super().forward(x, cos, sin, mask, cache_start)
+
+
+def add_vision_adapter(
+    llama: Llama,
+    every: int = 4,
+    media_dim: int | None = None,
+    freeze_language_model: bool = True,
+) -> list[int]:
+    """Insert gated cross-attention before decoder layers every-1, 2*every-1, ... (every=4 on
+    32 layers: 3, 7, ..., 31), in place. Returns the wrapped layer indices.
+
+    The cross-attention takes its shape from the model's config (heads, KV heads, FFN width);
+    media_dim is the width of the image tokens (default: the model width, what ImageEncoder
+    projects to). With freeze_language_model, every parameter of the language model gets
+    requires_grad=False and only `*.cross_attn.*` parameters train. Idempotent: layers that
+    already have cross-attention are left as they are.
+
+    Afterwards call `llama(tokens, media=media, media_mask=mask)` (or hidden_states(...)).
+    """
+    if every <= 0:
+        raise ConfigError(f"cross-attention every={every}: must be a positive number of layers.")
+    cfg = llama.config
+    if freeze_language_model:
+        for p in llama.parameters():
+            p.requires_grad_(False)
+    wrapped = []
+    for i in range(every - 1, len(llama.layers), every):
+        layer = llama.layers[i]
+        if not isinstance(layer, CrossAttentionDecoderLayer):
+            weight = layer.self_attn.q_proj.weight
+            cross_attn = GatedCrossAttention(
+                cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, media_dim, cfg.norm_eps
+            ).to(device=weight.device, dtype=weight.dtype)
+            llama.layers[i] = CrossAttentionDecoderLayer(layer, cross_attn)
+        wrapped.append(i)
+    return wrapped
+
+
+def vision_adapter_parameters(llama: Llama) -> list[nn.Parameter]:
+    """The cross-attention parameters that add_vision_adapter added (what trains)."""
+    return [p for name, p in llama.named_parameters() if ".cross_attn." in name]
+
+
+__all__ = [
+    "CrossAttentionDecoderLayer",
+    "GatedCrossAttention",
+    "GatedSelfAttentionBlock",
+    "ImageEncoder",
+    "ImageEncoderConfig",
+    "add_vision_adapter",
+    "vision_adapter_parameters",
+]
