@@ -24,8 +24,11 @@ def llama_config(llama: dict, vocab_size: int) -> LlamaConfig:
     fields = dict(llama)
     if fields.get("vocab_size") is None:
         fields["vocab_size"] = vocab_size
-    if fields.get("flavor") in FLAVORS:
+    flavor = fields.get("flavor")
+    if flavor in FLAVORS:
         return LlamaConfig.from_flavor(fields.pop("flavor"), **fields)
+    if flavor is not None and fields.get("dim") is None:  # a name, not a complete config
+        raise ConfigError(f"model.llama.flavor={flavor!r} is not one of {sorted(FLAVORS)}.")
     return LlamaConfig(**fields)
 
 
