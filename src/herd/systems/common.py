@@ -14,24 +14,48 @@ import herd
 from herd.errors import ConfigError
 
 
-def decay_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; norms, gains and biases are not decayed."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
+def decay_param_groups(
+    module: nn.Module, weight_decay: float, lr_multipliers: dict[str, float] | None = None
+) -> list[dict]:
+    """Weight decay on matrices only; norms, gains and biases are not decayed.
+    `lr_multipliers` {name suffix: factor} puts matching parameters in a group of their own
+    whose learning rate is scaled (e.g. zero-initialised adapter gates)."""
+    lr_multipliers = lr_multipliers or {}
+    decay, no_decay, scaled = [], [], {suffix: [] for suffix in lr_multipliers}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        suffix = next((s for s in lr_multipliers if name.endswith(s)), None)
+        if suffix is not None:
+            scaled[suffix].append(p)
+        else:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    for suffix, params in scaled.items():
+        if params:
+            groups.append(
+                {"params": params, "weight_decay": 0.0, "lr_scale": lr_multipliers[suffix]}
+            )
+    return groups
 
 
-def build_optimization(module, optimizer_cfg: dict, scheduler_cfg: dict | None) -> dict:
+def build_optimization(
+    module,
+    optimizer_cfg: dict,
+    scheduler_cfg: dict | None,
+    lr_multipliers: dict[str, float] | None = None,
+) -> dict:
     """Instantiate a `_partial_` optimizer over `module`'s trainable parameters and an optional
     `_partial_` per-step scheduler that receives the run's total step count."""
     optimizer_cfg = dict(optimizer_cfg)
     weight_decay = optimizer_cfg.pop("weight_decay", 0.0)
-    optimizer = hydra.utils.instantiate(optimizer_cfg)(decay_param_groups(module, weight_decay))
+    groups = decay_param_groups(module, weight_decay, lr_multipliers)
+    optimizer = hydra.utils.instantiate(optimizer_cfg)(groups)
+    for group in optimizer.param_groups:  # scale after the optimizer has set each group's lr
+        group["lr"] *= group.pop("lr_scale", 1.0)
     if not scheduler_cfg:
         return {"optimizer": optimizer}
     total_steps = int(module.trainer.estimated_stepping_batches)

@@ -52,6 +52,10 @@ class FusionSystem(HerdSystem):
             "lora": {"rank", "alpha", "dropout", "targets"}}.
         cross_attention_every: a cross-attention layer before every k-th decoder layer.
         max_new_tokens: answer length limit when generating for the task metrics.
+        gate_lr_multiplier: learning-rate factor for the tanh gates (cross-attention and the
+            image encoder's gated layers). They start at 0, so what they gate gets no
+            gradient until they open; a small model trained for minutes needs them to open
+            faster than the rest learns.
     Checkpoints of this system rebuild every part from the resolved configs recorded here,
     so they load without the stage checkpoints they started from.
     """
@@ -67,6 +71,7 @@ class FusionSystem(HerdSystem):
         cross_attention_every: int = 4,
         loss_chunk_size: int = 1024,
         max_new_tokens: int = 24,
+        gate_lr_multiplier: float = 1.0,
     ):
         super().__init__()
         language, vision, speech = plain(language), plain(vision), plain(speech)
@@ -259,7 +264,11 @@ class FusionSystem(HerdSystem):
         self.log("train/grad_norm", grad_norm(self.model), on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
-        return build_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+        gates = {
+            ".gate_attn": self.hparams.gate_lr_multiplier,
+            ".gate_mlp": self.hparams.gate_lr_multiplier,
+        }
+        return build_optimization(self, self.hparams.optimizer, self.hparams.scheduler, gates)
 
 
 __all__ = ["TASKS", "FusionSystem"]
