@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-fast lint format clean
+.PHONY: install train test test-fast lint format clean speech-corpus
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)  ## the whole test suite
 
 test-fast: $(STAMP)  ## skip the tests that train models
 	$(BIN)/pytest -q -m "not slow" $(ARGS)
+
+speech-corpus: $(STAMP)  ## regenerate src/herd/assets/speech (needs: apt-get install espeak-ng)
+	$(BIN)/python -m herd.data.make_speech_corpus
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

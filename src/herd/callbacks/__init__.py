@@ -1,6 +1,21 @@
 from herd.callbacks.context import ContextSchedule
+from herd.callbacks.fusion import FusionSamples
+from herd.callbacks.nonfinite import NonFiniteGuard
 from herd.callbacks.passkey import PasskeyRetrieval
 from herd.callbacks.samples import TextSamples
+from herd.callbacks.speech import SpeechSamples
 from herd.callbacks.throughput import TokenThroughput
+from herd.callbacks.vision import ConfusionMatrix, ImagePredictions, ImageThroughput
 
-__all__ = ["ContextSchedule", "PasskeyRetrieval", "TextSamples", "TokenThroughput"]
+__all__ = [
+    "ConfusionMatrix",
+    "ContextSchedule",
+    "FusionSamples",
+    "ImagePredictions",
+    "ImageThroughput",
+    "NonFiniteGuard",
+    "PasskeyRetrieval",
+    "SpeechSamples",
+    "TextSamples",
+    "TokenThroughput",
+]

@@ -1,11 +1,21 @@
 from herd.models.llama import FLAVORS, Llama, LlamaConfig, RopeScaling, generate
 from herd.models.pretrained import load_pretrained_llama, save_hf_checkpoint
+from herd.models.speech import (
+    SpeechAdapter,
+    SpeechAdapterConfig,
+    SpeechEncoder,
+    SpeechEncoderConfig,
+)
 
 __all__ = [
     "FLAVORS",
     "Llama",
     "LlamaConfig",
     "RopeScaling",
+    "SpeechAdapter",
+    "SpeechAdapterConfig",
+    "SpeechEncoder",
+    "SpeechEncoderConfig",
     "generate",
     "load_pretrained_llama",
     "save_hf_checkpoint",

@@ -1,0 +1,356 @@
+"""SpeechDataModule: the embedded spoken-digits corpus, or a user's JSONL manifest of clips.
+
+    source: digits     src/herd/assets/speech/manifest.jsonl, split by voice (see
+                       herd.data.make_speech_corpus): val and test voices are unseen in training
+    source: manifest   one JSON object per line, {"audio": PATH, "text": TRANSCRIPT}, PATH
+                       relative to the manifest; an optional "split" (train|val|test) on every
+                       line fixes the splits, otherwise a hash of the path picks them
+
+Transcripts are normalised to the character vocabulary (lower case a-z, space, apostrophe;
+anything else becomes a space). Every clip is decoded once, at setup, and kept in memory.
+A missing, empty or undecodable file, or a clip longer than `max_seconds`, raises
+herd.errors.DataError naming the manifest line and the file, or with skip_bad_samples=true
+is skipped and counted in a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from herd.data.audio import SAMPLE_RATE, audio_duration, read_audio, speed_perturb
+from herd.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+DIGITS_MANIFEST = Path(__file__).resolve().parents[1] / "assets" / "speech" / "manifest.jsonl"
+SOURCES = ("digits", "manifest")
+SPLITS = ("train", "val", "test")
+
+
+class CharVocabulary:
+    """CTC output symbols: 0 is the blank, then space, apostrophe, a-z."""
+
+    blank_id = 0
+    symbols = ("<blank>", " ", "'", *"abcdefghijklmnopqrstuvwxyz")
+
+    def __init__(self):
+        self.index = {ch: i for i, ch in enumerate(self.symbols) if i != self.blank_id}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.symbols)
+
+    def normalise(self, text: str) -> str:
+        """Lower case; characters outside the vocabulary become spaces; spaces collapsed."""
+        text = "".join(ch if ch in self.index else " " for ch in text.lower())
+        return re.sub(" +", " ", text).strip()
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index[ch] for ch in self.normalise(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.symbols[i] for i in ids if i != self.blank_id)
+
+
+@dataclass
+class Clip:
+    waveform: torch.Tensor  # [samples] float32 at 16 kHz
+    text: str  # normalised transcript
+    audio: str  # the file, for samples and error messages
+    split: str | None = None
+
+
+def read_speech_manifest(
+    path: str | Path,
+    vocabulary: CharVocabulary,
+    max_seconds: float,
+    skip_bad: bool = False,
+    sample_rate: int = SAMPLE_RATE,
+) -> list[Clip]:
+    """Clips of a JSONL manifest. Bad lines raise DataError("MANIFEST, line N: reason.")."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Manifest {path} does not exist.")
+    clips, skipped = [], 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                if not line.strip():
+                    continue
+                clip = _read_clip(line, path.parent, vocabulary, max_seconds, sample_rate)
+            except (ValueError, OSError, RuntimeError) as exc:  # JSON, audio, decoding errors
+                if not skip_bad:
+                    reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                    raise DataError(f"{path}, line {lineno}: {reason.rstrip('.')}.") from exc
+                skipped += 1
+                continue
+            clips.append(clip)
+    if skipped:
+        log.warning("Skipped %d bad line(s) of %s (data.skip_bad_samples=true).", skipped, path)
+    if not clips:
+        raise DataError(f"Manifest {path} holds no usable audio clips.")
+    return clips
+
+
+def _read_clip(
+    line: str, root: Path, vocabulary: CharVocabulary, max_seconds: float, sample_rate: int
+) -> Clip:
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    audio, text = record.get("audio"), record.get("text")
+    if not isinstance(audio, str) or not audio:
+        raise ValueError('missing a string "audio" field')
+    if not isinstance(text, str):
+        raise ValueError('missing a string "text" field')
+    normalised = vocabulary.normalise(text)
+    if not normalised:
+        raise ValueError(f'"text" {text!r} has no characters of the vocabulary (a-z, space, \')')
+    split = record.get("split")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f'"split" must be one of {list(SPLITS)}, got {split!r}')
+    file = root / audio
+    if not file.is_file():
+        raise ValueError(f"audio file {file} does not exist")
+    if file.stat().st_size == 0:
+        raise ValueError(f"audio file {file} is empty")
+    try:
+        seconds = audio_duration(file)  # header only: refuse long clips before decoding them
+        if seconds > max_seconds:
+            raise ValueError(
+                f"audio file {file} is {seconds:.1f} s long, longer than "
+                f"data.max_seconds={max_seconds:g}"
+            )
+        waveform = read_audio(file, sample_rate)
+    except ValueError:
+        raise
+    except Exception as exc:  # libsndfile's errors: not audio, truncated, unknown format
+        raise ValueError(f"audio file {file} cannot be decoded ({exc})") from exc
+    return Clip(waveform, normalised, str(file), split)
+
+
+def split_of(clip: Clip, val_fraction: float, test_fraction: float) -> str:
+    """The manifest's split, or a stable hash of the file path."""
+    if clip.split:
+        return clip.split
+    u = zlib.crc32(clip.audio.encode("utf-8")) / 2**32
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+class ClipDataset(Dataset):
+    """Clips -> {"waveform", "targets", "text"}; training copies can be speed-perturbed."""
+
+    def __init__(
+        self,
+        clips: list[Clip],
+        vocabulary: CharVocabulary,
+        speed_factors: tuple[float, ...] = (),
+        seed: int = 0,
+    ):
+        self.clips, self.vocabulary = clips, vocabulary
+        self.speed_factors = tuple(speed_factors)
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        clip = self.clips[i]
+        waveform = clip.waveform
+        if self.speed_factors:
+            waveform = speed_perturb(waveform, self.rng.choice(self.speed_factors))
+        return {
+            "waveform": waveform,
+            "targets": torch.tensor(self.vocabulary.encode(clip.text), dtype=torch.long),
+            "text": clip.text,
+        }
+
+
+class LengthBucketBatches(Sampler[list[int]]):
+    """Training batches of similar-length clips, so little compute goes into padding.
+
+    Each epoch: shuffle, cut into pools of `pool_batches` batches, sort each pool by length,
+    cut it into batches, and shuffle the batches. Deterministic in (seed, epoch)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool_batches: int = 8):
+        self.lengths, self.batch_size = lengths, batch_size
+        self.seed, self.pool = seed, batch_size * pool_batches
+        self.epoch = 0
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        batches = []
+        for start in range(0, len(order), self.pool):
+            pool = sorted(order[start : start + self.pool], key=self.lengths.__getitem__)
+            batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+        # a short last batch would be a noisy step; drop it while there are others
+        batches = [b for b in batches if len(b) == self.batch_size] or batches
+        rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        full = len(self.lengths) // self.batch_size
+        return full or 1
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """Pad waveforms and targets; lengths say where the real samples end."""
+    return {
+        "waveforms": pad_sequence([it["waveform"] for it in items], batch_first=True),  # [B, N]
+        "wave_lengths": torch.tensor([len(it["waveform"]) for it in items]),  # [B]
+        "targets": pad_sequence([it["targets"] for it in items], batch_first=True),  # [B, S]
+        "target_lengths": torch.tensor([len(it["targets"]) for it in items]),  # [B]
+        "texts": [it["text"] for it in items],
+    }
+
+
+class SpeechDataModule(L.LightningDataModule):
+    """Spoken clips with transcripts for CTC training (see the module docstring).
+
+    Args:
+        source: "digits" (the embedded corpus) or "manifest".
+        manifest: the JSONL file for source=manifest.
+        batch_size: clips per batch.
+        max_seconds: longer clips are bad samples (error, or skipped with skip_bad_samples).
+        speed_perturb: speed factors drawn per training clip (e.g. [0.9, 1.0, 1.1]); [] for none.
+        val_fraction, test_fraction: hash split for manifests without "split" fields.
+    """
+
+    def __init__(
+        self,
+        source: str = "digits",
+        manifest: str | None = None,
+        batch_size: int = 32,
+        max_seconds: float = 20.0,
+        speed_perturb: list[float] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        skip_bad_samples: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        sample_rate: int = SAMPLE_RATE,
+    ):
+        super().__init__()
+        if speed_perturb is not None and not isinstance(speed_perturb, list | tuple):
+            speed_perturb = OmegaConf.to_container(speed_perturb)  # plain, for weights_only loads
+        speed_perturb = [float(f) for f in speed_perturb or []]
+        self.save_hyperparameters()
+        if source not in SOURCES:
+            raise ConfigError(f"data.source={source!r} is unknown; use one of {list(SOURCES)}.")
+        if source == "manifest" and not manifest:
+            raise ConfigError("data.source=manifest needs data.manifest=PATH to a JSONL file.")
+        if max_seconds <= 0:
+            raise ConfigError(f"data.max_seconds must be positive, got {max_seconds}.")
+        if any(not 0.5 <= f <= 2.0 for f in speed_perturb):
+            raise ConfigError(
+                f"data.speed_perturb factors must lie in [0.5, 2.0], got {speed_perturb}."
+            )
+        self.vocabulary = CharVocabulary()
+        self.tokenizer = self.vocabulary  # the name other stages use for "what maps text to ids"
+        self.clips: dict[str, list[Clip]] = {}
+        self.datasets: dict[str, ClipDataset] = {}
+        self.train_batches: LengthBucketBatches | None = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return DIGITS_MANIFEST if self.hparams.source == "digits" else Path(self.hparams.manifest)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        clips = read_speech_manifest(
+            self.manifest_path, self.vocabulary, hp.max_seconds, hp.skip_bad_samples, hp.sample_rate
+        )
+        self.clips = {name: [] for name in SPLITS}
+        for clip in clips:
+            self.clips[split_of(clip, hp.val_fraction, hp.test_fraction)].append(clip)
+        for name in ("train", "val"):
+            if not self.clips[name]:
+                raise ConfigError(
+                    f"The {name} split of {self.manifest_path} is empty; give the manifest more "
+                    'clips or set data.val_fraction / each line\'s "split".'
+                )
+        if not self.clips["test"]:
+            self.clips["test"] = self.clips["val"]
+        for name, split_clips in self.clips.items():
+            factors = tuple(hp.speed_perturb) if name == "train" else ()
+            self.datasets[name] = ClipDataset(split_clips, self.vocabulary, factors, hp.seed)
+
+    def _loader(self, split: str) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.datasets[split],
+            batch_size=hp.batch_size,
+            shuffle=False,
+            collate_fn=collate_clips,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        if self.train_batches is None:  # one sampler, so its epoch count advances across epochs
+            lengths = [len(c.waveform) for c in self.clips["train"]]
+            self.train_batches = LengthBucketBatches(lengths, hp.batch_size, hp.seed)
+        return DataLoader(
+            self.datasets["train"],
+            batch_sampler=self.train_batches,
+            collate_fn=collate_clips,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # -- references and samples -------------------------------------------------------------
+
+    def reference_metrics(self) -> dict[str, float]:
+        """Trivial baselines for metrics.json: the WER of saying nothing (1.0), and of always
+        saying the training set's most common word as often as its median transcript has
+        words (a recogniser that only learnt the word prior)."""
+        from torchmetrics.functional.text import word_error_rate
+
+        self.setup("fit")
+        train_texts = [c.text for c in self.clips["train"]]
+        words = Counter(w for t in train_texts for w in t.split())
+        lengths = sorted(len(t.split()) for t in train_texts)
+        guess = " ".join([words.most_common(1)[0][0]] * lengths[len(lengths) // 2])
+        test_texts = [c.text for c in self.clips["test"]]
+        prior_wer = float(word_error_rate([guess] * len(test_texts), test_texts))
+        return {"test/wer_empty": 1.0, "test/wer_word_prior": prior_wer}
+
+    def sample_clips(self, n: int, split: str = "val") -> list[Clip]:
+        """The first `n` clips of a split (for TensorBoard samples)."""
+        self.setup("fit")
+        return self.clips[split][:n]
+
+
+__all__ = [
+    "CharVocabulary",
+    "Clip",
+    "SpeechDataModule",
+    "collate_clips",
+    "read_speech_manifest",
+]

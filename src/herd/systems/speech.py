@@ -1,0 +1,171 @@
+"""SpeechSystem: the Conformer speech encoder trained with CTC on characters, measured by WER.
+
+The encoder (`self.model`, a herd.models.speech.SpeechEncoder) is what later stages reuse:
+
+    encoder = SpeechSystem.load_from_checkpoint(path).model     # or herd.systems.load_system
+    hidden, lengths = encoder(waveforms, wave_lengths)          # [B, T', D] at 40 ms, [B]
+
+The CTC head (a linear layer over the character vocabulary, blank = 0) belongs to this stage
+only and stays here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import CharErrorRate, WordErrorRate
+
+from herd.data.audio import SpecAugment
+from herd.data.speech import CharVocabulary
+from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
+from herd.systems.common import HerdSystem, build_optimization, grad_norm
+from herd.utils.config import plain
+
+
+def ctc_greedy_decode(
+    log_probs: torch.Tensor, lengths: torch.Tensor, blank_id: int = 0
+) -> list[list[int]]:
+    """Best path: the argmax symbol of every real frame, repeats merged, blanks dropped.
+
+    log_probs [B, T, V], lengths [B] -> one list of symbol ids per clip."""
+    best = log_probs.argmax(dim=-1)  # [B, T]
+    out = []
+    for path, n in zip(best.tolist(), lengths.tolist(), strict=True):
+        ids, previous = [], None
+        for symbol in path[:n]:
+            if symbol != previous and symbol != blank_id:
+                ids.append(symbol)
+            previous = symbol
+        out.append(ids)
+    return out
+
+
+class SpeechSystem(HerdSystem):
+    """Owns training only; the architecture is `herd.models.speech.SpeechEncoder` (self.model).
+
+    Args:
+        encoder: SpeechEncoderConfig fields (dim, n_layers, n_heads, ffn_dim, conv_kernel, ...).
+        spec_augment: SpecAugment arguments (freq/time masks), applied in training only;
+            null for none.
+        optimizer: `_partial_` optimizer config (weight_decay applies to matrices only).
+        scheduler: `_partial_` scheduler config called with (optimizer, total_steps=...).
+    """
+
+    def __init__(
+        self,
+        encoder: dict | None = None,
+        spec_augment: dict | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+    ):
+        super().__init__()
+        encoder, spec_augment = plain(encoder) or {}, plain(spec_augment)
+        optimizer, scheduler = plain(optimizer), plain(scheduler)
+        self.save_hyperparameters()
+        self.vocabulary = CharVocabulary()
+        self.model = SpeechEncoder(SpeechEncoderConfig(**encoder))
+        self.ctc_head = nn.Linear(self.model.config.dim, self.vocabulary.vocab_size)
+        self.spec_augment = SpecAugment(**spec_augment) if spec_augment else nn.Identity()
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self.wer = nn.ModuleDict({"val": WordErrorRate(), "test": WordErrorRate()})
+        self.cer = nn.ModuleDict({"val": CharErrorRate(), "test": CharErrorRate()})
+        self._last_step_time: float | None = None
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None  # nor is building the next epoch's loader
+
+    # -- model ------------------------------------------------------------------------------
+
+    def log_probs(self, waveforms: torch.Tensor, wave_lengths: torch.Tensor):
+        """-> CTC log-probabilities [B, T', V] (fp32), frame lengths [B]."""
+        features, frame_lengths = self.model.features(waveforms, wave_lengths)  # [B, T, 80]
+        features = self.spec_augment(features)  # identity outside training
+        hidden, lengths = self.model.encode(features, frame_lengths)  # [B, T', D]
+        return F.log_softmax(self.ctc_head(hidden).float(), dim=-1), lengths
+
+    def loss(self, batch: dict):
+        log_probs, lengths = self.log_probs(batch["waveforms"], batch["wave_lengths"])
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1),  # [T', B, V]: ctc_loss's layout
+            batch["targets"],
+            lengths,
+            batch["target_lengths"],
+            blank=self.vocabulary.blank_id,
+            reduction="mean",  # per target character, then over the batch
+            zero_infinity=True,  # a clip too short for its transcript gives no gradient, not NaN
+        )
+        return loss, log_probs, lengths
+
+    @torch.no_grad()
+    def transcribe(self, waveforms: torch.Tensor, wave_lengths: torch.Tensor) -> list[str]:
+        was_training = self.training
+        self.eval()
+        log_probs, lengths = self.log_probs(waveforms.to(self.device), wave_lengths.to(self.device))
+        self.train(was_training)
+        return self.decode(log_probs, lengths)
+
+    def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        ids = ctc_greedy_decode(log_probs, lengths, self.vocabulary.blank_id)
+        return [" ".join(self.vocabulary.decode(seq).split()) for seq in ids]
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self.loss(batch)
+        batch_size = len(batch["texts"])
+        # throughput: seconds of speech trained on per second of wall time (step to step)
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            audio_seconds = batch["wave_lengths"].sum().item() / self.model.config.sample_rate
+            self.log(
+                "train/audio_seconds_per_second",
+                audio_seconds / (now - self._last_step_time),
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch_size,
+            )
+        self._last_step_time = now
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size
+        )
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        loss, log_probs, lengths = self.loss(batch)
+        self.eval_loss[split].update(loss, weight=len(batch["texts"]))
+        hypotheses = self.decode(log_probs, lengths)
+        self.wer[split].update(hypotheses, batch["texts"])
+        self.cer[split].update(hypotheses, batch["texts"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_eval(self, split: str) -> None:
+        for name, metric in (("loss", self.eval_loss), ("wer", self.wer), ("cer", self.cer)):
+            value = metric[split].compute()
+            metric[split].reset()
+            self.log(f"{split}/{name}", value, prog_bar=split == "val" and name != "cer")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+        self._last_step_time = None  # the validation pause is not training time
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/grad_norm", grad_norm(self), on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        return build_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
+
+
+__all__ = ["SpeechSystem", "ctc_greedy_decode"]
