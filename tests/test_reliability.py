@@ -210,3 +210,18 @@ def test_nonfinite_gradients_stop_the_run_when_asked(tmp_path):
         _tiny_fit(tmp_path, NonFiniteGuard(policy="stop"))
     with pytest.raises(ConfigError, match="policy='never' is not one of"):
         NonFiniteGuard(policy="never")
+
+
+def test_speech_length_buckets_resume_and_shard_like_the_plain_sampler():
+    from herd.data.speech import LengthBucketBatches
+
+    lengths = [(i * 7919) % 1000 + 100 for i in range(50)]
+    stream = [b for b, _ in zip(LengthBucketBatches(lengths, 4, seed=1), range(30), strict=False)]
+    per_pass = len(LengthBucketBatches(lengths, 4, seed=1).batches_of_pass(0))
+    assert sorted(i for b in stream[:per_pass] for i in b) == sorted(
+        set(i for b in stream[:per_pass] for i in b)
+    )  # no clip twice in a pass
+    resumed = LengthBucketBatches(lengths, 4, seed=1, start=17)
+    assert [b for b, _ in zip(resumed, range(13), strict=False)] == stream[17:30]
+    rank1 = LengthBucketBatches(lengths, 4, seed=1, start=4, rank=1, world_size=2)
+    assert [b for b, _ in zip(rank1, range(3), strict=False)] == stream[5:11:2]

@@ -181,19 +181,31 @@ class ClipDataset(Dataset):
 
 
 class LengthBucketBatches(Sampler[list[int]]):
-    """Training batches of similar-length clips, so little compute goes into padding.
+    """An endless stream of training batches of similar-length clips, so little compute goes
+    into padding.
 
-    Each epoch: shuffle, cut into pools of `pool_batches` batches, sort each pool by length,
-    cut it into batches, and shuffle the batches. Deterministic in (seed, epoch)."""
+    Each pass: shuffle, cut into pools of `pool_batches` batches, sort each pool by length,
+    cut it into batches, and shuffle the batches; deterministic in (seed, pass). `start` is
+    the number of batches (over all ranks) already consumed, so a resumed run continues on
+    exactly the batches it would have seen; rank r of `world_size` takes every
+    world_size-th batch from r."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool_batches: int = 8):
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int = 0,
+        pool_batches: int = 8,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.lengths, self.batch_size = lengths, batch_size
         self.seed, self.pool = seed, batch_size * pool_batches
-        self.epoch = 0
+        self.start, self.rank, self.world_size = start, rank, world_size
 
-    def __iter__(self):
-        rng = random.Random(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
+    def batches_of_pass(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         batches = []
@@ -203,11 +215,18 @@ class LengthBucketBatches(Sampler[list[int]]):
         # a short last batch would be a noisy step; drop it while there are others
         batches = [b for b in batches if len(b) == self.batch_size] or batches
         rng.shuffle(batches)
-        return iter(batches)
+        return batches
 
-    def __len__(self) -> int:
-        full = len(self.lengths) // self.batch_size
-        return full or 1
+    def __iter__(self):
+        epoch, offset = divmod(self.start + self.rank, len(self.batches_of_pass(0)))
+        batches = self.batches_of_pass(epoch)
+        while True:
+            yield batches[offset]
+            offset += self.world_size
+            while offset >= len(batches):
+                offset -= len(batches)
+                epoch += 1
+                batches = self.batches_of_pass(epoch)
 
 
 def collate_clips(items: list[dict]) -> dict:
@@ -266,7 +285,6 @@ class SpeechDataModule(L.LightningDataModule):
         self.tokenizer = self.vocabulary  # the name other stages use for "what maps text to ids"
         self.clips: dict[str, list[Clip]] = {}
         self.datasets: dict[str, ClipDataset] = {}
-        self.train_batches: LengthBucketBatches | None = None
 
     @property
     def manifest_path(self) -> Path:
@@ -307,12 +325,15 @@ class SpeechDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        if self.train_batches is None:  # one sampler, so its epoch count advances across epochs
-            lengths = [len(c.waveform) for c in self.clips["train"]]
-            self.train_batches = LengthBucketBatches(lengths, hp.batch_size, hp.seed)
+        lengths = [len(c.waveform) for c in self.clips["train"]]
+        trainer, start, rank, world = self.trainer, 0, 0, 1
+        if trainer is not None:  # continue after the batches already stepped through
+            rank, world = trainer.global_rank, trainer.world_size
+            start = trainer.global_step * trainer.accumulate_grad_batches * world
+        batches = LengthBucketBatches(lengths, hp.batch_size, hp.seed, 8, start, rank, world)
         return DataLoader(
             self.datasets["train"],
-            batch_sampler=self.train_batches,
+            batch_sampler=batches,
             collate_fn=collate_clips,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
