@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
-import logging
 import sysconfig
 import zlib
 from pathlib import Path
 
-from herd.errors import DataError
-
-log = logging.getLogger(__name__)
+from herd.data.manifest import read_jsonl_manifest
 
 MIN_DOC_CHARS = 400  # shorter paragraphs are merged with the next one
 MIN_DOCSTRING_CHARS = 200  # one-line docstrings say little English
@@ -98,40 +94,16 @@ def split_documents(
     return splits
 
 
-def read_text_manifest(path: str | Path, skip_bad: bool = False) -> list[str]:
-    """Texts from a JSONL manifest, one `{"text": ...}` object per line.
+def _text_of(record: dict, root: Path) -> str:
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise ValueError('missing a string "text" field')
+    if not text.strip():
+        raise ValueError('"text" is empty')
+    return text
 
-    A bad line raises DataError naming the file and line, or, with skip_bad, is skipped and
-    counted in a warning. Blank lines are ignored.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Manifest {path} does not exist.")
-    texts, skipped = [], 0
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                # per line, so one undecodable line is reported (or skipped) like any other
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("expected a JSON object")
-                text = record.get("text")
-                if not isinstance(text, str):
-                    raise ValueError('missing a string "text" field')
-                if not text.strip():
-                    raise ValueError('"text" is empty')
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                if not skip_bad:
-                    reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                    raise DataError(f"{path}, line {lineno}: {reason}.") from exc
-                skipped += 1
-                continue
-            texts.append(text)
-    if skipped:
-        log.warning("Skipped %d bad line(s) of %s (data.skip_bad_samples=true).", skipped, path)
-    if not texts:
-        raise DataError(f"Manifest {path} holds no usable text samples.")
-    return texts
+
+def read_text_manifest(path: str | Path, skip_bad: bool = False) -> list[str]:
+    """Texts from a JSONL manifest, one `{"text": ...}` object per line (bad lines: see
+    herd.data.manifest.read_jsonl_manifest)."""
+    return [text for text, _ in read_jsonl_manifest(path, _text_of, skip_bad, "text samples")]

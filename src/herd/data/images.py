@@ -18,7 +18,6 @@ Batches are {"image": float [B, C, S, S] in [-1, 1], "label": int64 [B]}.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from herd.data.manifest import read_jsonl_manifest
 from herd.data.sampling import resumable_train_sampler
 from herd.errors import ConfigError, DataError
 from herd.utils.config import plain
@@ -74,43 +74,23 @@ def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     return tensor
 
 
-def read_image_manifest(path: str | Path, skip_bad: bool = False) -> list[tuple[Path, object, int]]:
-    """(image path, label, line number) per line of a JSONL manifest `{"image": ..., "label": ...}`.
+def _image_entry(record: dict, root: Path) -> tuple[Path, object]:
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        raise ValueError('missing a string "image" field')
+    label = record.get("label")
+    if isinstance(label, bool) or not isinstance(label, int | str):
+        raise ValueError('missing an integer or string "label" field')
+    if isinstance(label, int) and label < 0:
+        raise ValueError(f'"label" {label} is negative')
+    return root / image, label
 
-    Paths are relative to the manifest. A bad line raises DataError naming the file and line,
-    or, with skip_bad, is skipped and counted in a warning. Blank lines are ignored.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Manifest {path} does not exist.")
-    entries, skipped = [], 0
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("expected a JSON object")
-                image = record.get("image")
-                if not isinstance(image, str) or not image:
-                    raise ValueError('missing a string "image" field')
-                label = record.get("label")
-                if isinstance(label, bool) or not isinstance(label, int | str):
-                    raise ValueError('missing an integer or string "label" field')
-                if isinstance(label, int) and label < 0:
-                    raise ValueError(f'"label" {label} is negative')
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                if not skip_bad:
-                    reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                    raise DataError(f"{path}, line {lineno}: {reason}.") from exc
-                skipped += 1
-                continue
-            entries.append((path.parent / image, label, lineno))
-    if skipped:
-        log.warning("Skipped %d bad line(s) of %s (data.skip_bad_samples=true).", skipped, path)
-    return entries
+
+def read_image_manifest(path: str | Path, skip_bad: bool = False) -> list[tuple[Path, object, int]]:
+    """(image path, label, line number) per line of a JSONL manifest `{"image": ..., "label": ...}`,
+    paths relative to the manifest (bad lines: see herd.data.manifest.read_jsonl_manifest)."""
+    entries = read_jsonl_manifest(path, _image_entry, skip_bad, "images")
+    return [(image, label, lineno) for (image, label), lineno in entries]
 
 
 def folder_entries(root: str | Path) -> list[tuple[Path, object, int]]:

@@ -15,7 +15,6 @@ is skipped and counted in a warning.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -31,7 +30,8 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from herd.data.audio import SAMPLE_RATE, audio_duration, read_audio, speed_perturb
-from herd.errors import ConfigError, DataError
+from herd.data.manifest import read_jsonl_manifest
+from herd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,37 +81,16 @@ def read_speech_manifest(
     sample_rate: int = SAMPLE_RATE,
 ) -> list[Clip]:
     """Clips of a JSONL manifest. Bad lines raise DataError("MANIFEST, line N: reason.")."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Manifest {path} does not exist.")
-    clips, skipped = [], 0
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                if not line.strip():
-                    continue
-                clip = _read_clip(line, path.parent, vocabulary, max_seconds, sample_rate)
-            except (ValueError, OSError, RuntimeError) as exc:  # JSON, audio, decoding errors
-                if not skip_bad:
-                    reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                    raise DataError(f"{path}, line {lineno}: {reason.rstrip('.')}.") from exc
-                skipped += 1
-                continue
-            clips.append(clip)
-    if skipped:
-        log.warning("Skipped %d bad line(s) of %s (data.skip_bad_samples=true).", skipped, path)
-    if not clips:
-        raise DataError(f"Manifest {path} holds no usable audio clips.")
-    return clips
+
+    def parse(record: dict, root: Path) -> Clip:
+        return _read_clip(record, root, vocabulary, max_seconds, sample_rate)
+
+    return [clip for clip, _ in read_jsonl_manifest(path, parse, skip_bad, "audio clips")]
 
 
 def _read_clip(
-    line: str, root: Path, vocabulary: CharVocabulary, max_seconds: float, sample_rate: int
+    record: dict, root: Path, vocabulary: CharVocabulary, max_seconds: float, sample_rate: int
 ) -> Clip:
-    record = json.loads(line)
-    if not isinstance(record, dict):
-        raise ValueError("expected a JSON object")
     audio, text = record.get("audio"), record.get("text")
     if not isinstance(audio, str) or not audio:
         raise ValueError('missing a string "audio" field')
