@@ -15,7 +15,6 @@ is skipped and counted in a warning.
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 import zlib
@@ -32,8 +31,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from herd.data.audio import SAMPLE_RATE, audio_duration, read_audio, speed_perturb
 from herd.data.manifest import read_jsonl_manifest
 from herd.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 DIGITS_MANIFEST = Path(__file__).resolve().parents[1] / "assets" / "speech" / "manifest.jsonl"
 SOURCES = ("digits", "manifest")
