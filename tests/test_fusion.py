@@ -206,3 +206,55 @@ def test_generation_stops_at_the_stop_token_and_keeps_media():
             nxt = model(tokens, images=batch["images"])[:, -1].argmax(-1)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
     assert out == tokens[0, prompt.shape[1] :].tolist()
+
+
+TINY_FUSION = [
+    "experiment=fusion_digits",
+    "model.language.llama.flavor=tiny",
+    "++model.vision.encoder={patch_size: 8, feature_layers: [0],"
+    " backbone_kwargs: {embed_dim: 32, depth: 2, num_heads: 2}}",
+    "++model.speech.encoder={dim: 32, n_layers: 1, n_heads: 2, ffn_dim: 64, dropout: 0.0}",
+    "model.speech.adapter={dim: 32, n_heads: 2, ffn_dim: 64}",
+    "model.max_new_tokens=12",
+    "data.train_size=600",
+    "data.val_per_task=2",
+    "data.test_per_task=2",
+    "data.batch_size=8",
+    "trainer.max_steps=40",
+    "model.scheduler.warmup_steps=5",
+    "model.optimizer.lr=3e-3",
+    "trainer.val_check_interval=20",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.model_summary=null",
+]
+
+
+@pytest.mark.slow
+def test_short_real_fusion_run_learns_and_reopens(tmp_path):
+    import json
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from herd.systems.common import load_system
+    from herd.train import train
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg("train", TINY_FUSION, tmp_path / "run")
+    metrics = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    saved = json.loads((run / "metrics.json").read_text())
+    for name in ("top1", "wer", "bleu_st", "bleu_mt", "passkey_acc", "loss"):
+        assert f"test/{name}" in saved, name
+    assert saved == pytest.approx(metrics)
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5  # the answers are being learnt
+    assert "samples/answers_val/text_summary" in events.Tags()["tensors"]
+    # the checkpoint rebuilds the composed model without the stage checkpoints
+    system = load_system(run / "checkpoints" / "last.ckpt")
+    assert type(system).__name__ == "FusionSystem"
+    assert system.model.image_encoder is not None and system.model.speech_encoder is not None
