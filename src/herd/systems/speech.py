@@ -122,7 +122,7 @@ class SpeechSystem(HerdSystem):
         if self._last_step_time is not None:
             audio_seconds = batch["wave_lengths"].sum().item() / self.model.config.sample_rate
             self.log(
-                "train/audio_seconds_per_second",
+                "perf/audio_seconds_per_sec",
                 audio_seconds / (now - self._last_step_time),
                 on_step=True,
                 on_epoch=False,
