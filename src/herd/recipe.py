@@ -70,12 +70,12 @@ def parse_overrides(items: list[str]) -> dict[str, list[str]]:
     return per_stage
 
 
-def run_stage(stage: str, run_dir: Path, overrides: list[str]) -> dict:
+def run_stage(stage: str, run_dir: Path, overrides: list[str]) -> None:
     stage_dir = run_dir / stage
     metrics_file = stage_dir / "metrics.json"
     if metrics_file.is_file():
         print(f"[herd-recipe] {stage}: finished earlier, kept ({stage_dir})", flush=True)
-        return json.loads(metrics_file.read_text())
+        return
     command = [
         sys.executable,
         "-m",
@@ -95,7 +95,6 @@ def run_stage(stage: str, run_dir: Path, overrides: list[str]) -> dict:
             f"rerun with --run-dir {run_dir} to continue from there."
         )
     print(f"[herd-recipe] {stage}: done in {time.monotonic() - start:.0f} s", flush=True)
-    return json.loads(metrics_file.read_text())
 
 
 @report_errors
@@ -126,8 +125,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"{key}={best_checkpoint(run_dir / source)}"
                 for source, key in CHECKPOINT_KEYS.items()
             ] + extra
-        metrics = run_stage(stage, run_dir, extra)
-        summary.update({f"{stage}.{k}": v for k, v in metrics.items()})
+        run_stage(stage, run_dir, extra)
+    for stage in STAGES:  # every finished stage of the directory, also those not run now
+        metrics_file = run_dir / stage / "metrics.json"
+        if metrics_file.is_file():
+            metrics = json.loads(metrics_file.read_text())
+            summary.update({f"{stage}.{k}": v for k, v in metrics.items()})
     write_metrics_json(run_dir, summary)
     print(f"[herd-recipe] all stages done in {time.monotonic() - start:.0f} s", flush=True)
     for key, value in summary.items():

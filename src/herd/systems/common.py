@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 from pathlib import Path
 
@@ -18,28 +19,24 @@ def decay_param_groups(
     module: nn.Module, weight_decay: float, lr_multipliers: dict[str, float] | None = None
 ) -> list[dict]:
     """Weight decay on matrices only; norms, gains and biases are not decayed.
-    `lr_multipliers` {name suffix: factor} puts matching parameters in a group of their own
-    whose learning rate is scaled (e.g. zero-initialised adapter gates)."""
-    lr_multipliers = lr_multipliers or {}
-    decay, no_decay, scaled = [], [], {suffix: [] for suffix in lr_multipliers}
+    `lr_multipliers` {glob pattern of parameter names: factor} puts the matching parameters
+    (first matching pattern wins) in groups of their own with a scaled learning rate."""
+    patterns = list((lr_multipliers or {}).items())
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        suffix = next((s for s in lr_multipliers if name.endswith(s)), None)
-        if suffix is not None:
-            scaled[suffix].append(p)
-        else:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    for suffix, params in scaled.items():
-        if params:
-            groups.append(
-                {"params": params, "weight_decay": 0.0, "lr_scale": lr_multipliers[suffix]}
-            )
-    return groups
+        scale = next((f for pattern, f in patterns if fnmatch.fnmatchcase(name, pattern)), 1.0)
+        groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    out = []
+    for (scale, decayed), params in sorted(
+        groups.items(), key=lambda kv: (kv[0][0] != 1.0, not kv[0][1])
+    ):
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if scale != 1.0:
+            group["lr_scale"] = scale
+        out.append(group)
+    return out
 
 
 def build_optimization(

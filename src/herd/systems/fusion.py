@@ -52,10 +52,12 @@ class FusionSystem(HerdSystem):
             "lora": {"rank", "alpha", "dropout", "targets"}}.
         cross_attention_every: a cross-attention layer before every k-th decoder layer.
         max_new_tokens: answer length limit when generating for the task metrics.
-        gate_lr_multiplier: learning-rate factor for the tanh gates (cross-attention and the
-            image encoder's gated layers). They start at 0, so what they gate gets no
-            gradient until they open; a small model trained for minutes needs them to open
-            faster than the rest learns.
+        gate_lr_multiplier: learning-rate factor for the cross-attention gates. They start
+            at 0, so what they gate gets no gradient until they open; a small model trained
+            for minutes needs them to open faster than the rest learns.
+        encoder_lr_multiplier: learning-rate factor for the stage-trained image and speech
+            encoders, so the fresh adapters' noisy early gradients do not wash out their
+            features (at x1 a linear probe on the image features fell from 97% to 36%).
     Checkpoints of this system rebuild every part from the resolved configs recorded here,
     so they load without the stage checkpoints they started from.
     """
@@ -72,6 +74,7 @@ class FusionSystem(HerdSystem):
         loss_chunk_size: int = 1024,
         max_new_tokens: int = 24,
         gate_lr_multiplier: float = 1.0,
+        encoder_lr_multiplier: float = 1.0,
     ):
         super().__init__()
         language, vision, speech = plain(language), plain(vision), plain(speech)
@@ -264,11 +267,13 @@ class FusionSystem(HerdSystem):
         self.log("train/grad_norm", grad_norm(self.model), on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
-        gates = {
-            ".gate_attn": self.hparams.gate_lr_multiplier,
-            ".gate_mlp": self.hparams.gate_lr_multiplier,
+        hp = self.hparams
+        multipliers = {
+            "*.cross_attn.gate_*": hp.gate_lr_multiplier,
+            "model.image_encoder.*": hp.encoder_lr_multiplier,
+            "model.speech_encoder.*": hp.encoder_lr_multiplier,
         }
-        return build_optimization(self, self.hparams.optimizer, self.hparams.scheduler, gates)
+        return build_optimization(self, hp.optimizer, hp.scheduler, multipliers)
 
 
 __all__ = ["TASKS", "FusionSystem"]
