@@ -1,4 +1,5 @@
-"""Tokens per second and model FLOPs utilisation, logged every training step."""
+"""Throughput (tokens, images, ... per second) and model FLOPs utilisation, logged every
+training step."""
 
 from __future__ import annotations
 
@@ -10,24 +11,15 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
 
-class TokenThroughput(L.Callback):
-    """Logs `perf/tokens_per_sec` (per device, averaged over `window` steps) and `perf/mfu`
-    where the device's peak FLOPs are known (CUDA datacenter cards; not CPUs)."""
+class StepRate(L.Callback):
+    """Times each training step; `rate(trainer, count)` records the step's count of items
+    and returns items per second (per device) over the last `window` steps."""
 
-    def __init__(self, window: int = 10, token_key: str = "input_ids"):
+    def __init__(self, window: int = 10):
         self.window = window
-        self.token_key = token_key
         self._times: deque = deque(maxlen=window)
-        self._tokens: deque = deque(maxlen=window)
+        self._counts: deque = deque(maxlen=window)
         self._start = 0.0
-        self._peak_flops: float | None = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and trainer.strategy.root_device.type == "cuda":
-            dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(
-                str(trainer.precision).split("-")[0], torch.float32
-            )
-            self._peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
 
     def _sync(self, trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -37,12 +29,32 @@ class TokenThroughput(L.Callback):
         self._sync(trainer)
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def rate(self, trainer, count: int) -> float:
         self._sync(trainer)
-        tokens = batch[self.token_key]
         self._times.append(time.perf_counter() - self._start)
-        self._tokens.append(tokens.numel())
-        tokens_per_sec = sum(self._tokens) / max(sum(self._times), 1e-9)
+        self._counts.append(count)
+        return sum(self._counts) / max(sum(self._times), 1e-9)
+
+
+class TokenThroughput(StepRate):
+    """Logs `perf/tokens_per_sec` (per device, averaged over `window` steps) and `perf/mfu`
+    where the device's peak FLOPs are known (CUDA datacenter cards; not CPUs)."""
+
+    def __init__(self, window: int = 10, token_key: str = "input_ids"):
+        super().__init__(window)
+        self.token_key = token_key
+        self._peak_flops: float | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.strategy.root_device.type == "cuda":
+            dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(
+                str(trainer.precision).split("-")[0], torch.float32
+            )
+            self._peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        tokens = batch[self.token_key]
+        tokens_per_sec = self.rate(trainer, tokens.numel())
         pl_module.log("perf/tokens_per_sec", tokens_per_sec, on_step=True, on_epoch=False)
         if self._peak_flops and hasattr(pl_module, "flops_per_token"):
             achieved = tokens_per_sec * pl_module.flops_per_token(tokens.shape[-1])

@@ -3,13 +3,12 @@ images titled with their true and predicted labels, a confusion matrix, and imag
 
 from __future__ import annotations
 
-import time
-from collections import deque
-
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassConfusionMatrix
+
+from herd.callbacks.throughput import StepRate
 
 
 def _tensorboards(trainer) -> list:
@@ -121,26 +120,13 @@ class ConfusionMatrix(L.Callback):
         self._finish(trainer, pl_module, "test")
 
 
-class ImageThroughput(L.Callback):
+class ImageThroughput(StepRate):
     """Logs `perf/images_per_sec` (per device, averaged over `window` training steps)."""
 
     def __init__(self, window: int = 10, image_key: str = "image"):
+        super().__init__(window)
         self.image_key = image_key
-        self._times: deque = deque(maxlen=window)
-        self._images: deque = deque(maxlen=window)
-        self._start = 0.0
-
-    def _sync(self, trainer) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._sync(trainer)
-        self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sync(trainer)
-        self._times.append(time.perf_counter() - self._start)
-        self._images.append(len(batch[self.image_key]))
-        rate = sum(self._images) / max(sum(self._times), 1e-9)
+        rate = self.rate(trainer, len(batch[self.image_key]))
         pl_module.log("perf/images_per_sec", rate, on_step=True, on_epoch=False)
