@@ -86,14 +86,16 @@ def test_context_sets_model_and_data_lengths_and_rope_scaling(context, tmp_path)
     assert system.hparams.loss_chunk_size == cfg.context.loss_chunk_size
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16_mixed", "bf16_true", "fp16_mixed"])
-@pytest.mark.parametrize("strategy", ["single", "ddp", "ddp_spawn", "fsdp"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16_mixed", "bf16_true", "fp16_mixed", "fp8"])
+@pytest.mark.parametrize("strategy", ["single", "ddp", "ddp_spawn", "fsdp", "deepspeed"])
 def test_precision_and_strategy_compose(precision, strategy, tmp_path):
     cfg = compose_cfg("train", [f"precision={precision}", f"strategy={strategy}"], tmp_path / "run")
     assert cfg.trainer.precision and cfg.trainer.strategy
-    gpu_only = strategy == "fsdp" or precision == "fp16_mixed"
-    if torch.cuda.is_available() or not gpu_only:
+    gpu_only = strategy in ("fsdp", "deepspeed") or precision in ("fp16_mixed", "fp8")
+    if not gpu_only:
         check_hardware(cfg)
+    elif torch.cuda.is_available():
+        pytest.skip("the GPU-only options are checked on the GPU machine")
     else:
         with pytest.raises(ConfigError, match="needs (a )?CUDA GPU"):
             check_hardware(cfg)
@@ -134,12 +136,47 @@ def test_eval_takes_the_checkpoint_data_config_resolved_at_its_own_context(tmp_p
             r"precision=fp16_mixed .* use precision=bf16_mixed or precision=fp32",
         ),
         (["trainer.accelerator=gpu"], r"no CUDA GPU is visible; use trainer.accelerator=cpu"),
+        (["strategy=deepspeed"], r"strategy=deepspeed \(DeepSpeed\) needs CUDA GPUs"),
+        (["precision=fp8"], r"precision=fp8 \(transformer-engine\) needs a CUDA GPU"),
     ],
 )
 def test_gpu_only_options_are_refused_on_cpu(overrides, message, tmp_path):
     cfg = compose_cfg("train", overrides, tmp_path / "run")
     with pytest.raises(ConfigError, match=message):
         check_hardware(cfg)
+
+
+def test_fsdp_strategy_shards_each_block(tmp_path):
+    """strategy=fsdp builds Lightning's FSDPStrategy with one unit per decoder block and
+    encoder layer (constructing it needs no GPU; running it does)."""
+    import hydra
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from herd.models.llama import DecoderLayer
+    from herd.models.vision import CrossAttentionDecoderLayer
+
+    cfg = compose_cfg("train", ["strategy=fsdp"], tmp_path / "run")
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert {DecoderLayer, CrossAttentionDecoderLayer} <= set(wrapped)
+    assert cfg.trainer.gradient_clip_val is None
+
+
+def test_a_missing_optional_package_is_named(tmp_path, monkeypatch):
+    """On a GPU machine without the extra, deepspeed / fp8 stop before training and say
+    which extra to install."""
+    from herd.utils import preflight
+
+    monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
+    for override, message in (
+        ("strategy=deepspeed", r"deepspeed needs the deepspeed package.*\.\[deepspeed\]"),
+        ("precision=fp8", r"needs the transformer_engine package.*\.\[fp8\]"),
+    ):
+        cfg = compose_cfg("train", [override], tmp_path / override)
+        with pytest.raises(ConfigError, match=message):
+            check_hardware(cfg)
 
 
 def test_overriding_one_length_without_the_other_is_refused(tmp_path):

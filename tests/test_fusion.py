@@ -208,6 +208,38 @@ def test_generation_stops_at_the_stop_token_and_keeps_media():
     assert out == tokens[0, prompt.shape[1] :].tolist()
 
 
+def test_spec_augment_masks_speech_in_training_only():
+    from herd.data.audio import SpecAugment
+
+    plain = tiny_fusion(image=False)
+    augmented = tiny_fusion(image=False)
+    augmented.speech_augment = SpecAugment(freq_masks=2, freq_width=20, time_masks=2)
+    augmented.eval()
+    batch = batch_of(plain, EXAMPLES[1:2])
+    ids, audio = batch["input_ids"], inputs(batch)
+    # eval: the augmentation is the identity
+    assert torch.equal(plain.embed(ids, **audio), augmented.embed(ids, **audio))
+    torch.manual_seed(0)
+    assert not torch.equal(plain.train().embed(ids, **audio), augmented.train().embed(ids, **audio))
+
+
+def test_a_checkpoint_decoder_takes_the_runs_context():
+    """context= reaches a trained decoder (fusion and fine-tuning load one): a longer window
+    inside the RoPE's original length changes nothing for short inputs; past it, only a
+    scaled context is accepted."""
+    from herd.errors import ConfigError
+    from herd.systems.language import with_context
+
+    decoder = Llama(LlamaConfig.from_flavor("tiny", vocab_size=TOKENIZER.vocab_size)).eval()
+    tokens = torch.randint(0, TOKENIZER.vocab_size, (1, 20))
+    before = decoder(tokens)
+    with_context(decoder, {"max_seq_len": 8192, "rope_scaling": None}, "tiny")
+    assert decoder.config.max_seq_len == 8192
+    assert torch.equal(decoder(tokens), before)
+    with pytest.raises(ConfigError, match="longer than the 8192 that tiny supports"):
+        with_context(decoder, {"max_seq_len": 32768, "rope_scaling": None}, "tiny")
+
+
 TINY_FUSION = [
     "experiment=fusion_digits",
     "model.language.llama.flavor=tiny",

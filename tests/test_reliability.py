@@ -213,7 +213,7 @@ def test_nonfinite_gradients_stop_the_run_when_asked(tmp_path):
 
 
 def test_speech_length_buckets_resume_and_shard_like_the_plain_sampler():
-    from herd.data.speech import LengthBucketBatches
+    from herd.data.sampling import LengthBucketBatches
 
     lengths = [(i * 7919) % 1000 + 100 for i in range(50)]
     stream = [b for b, _ in zip(LengthBucketBatches(lengths, 4, seed=1), range(30), strict=False)]

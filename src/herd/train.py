@@ -20,7 +20,13 @@ from herd.systems.common import read_checkpoint_header
 from herd.utils.cli import report_errors
 from herd.utils.ddp_launch import DDP_LAUNCH_ENV, end_ddp_job, use_job_dir_for_ddp_children
 from herd.utils.preflight import check_context, check_hardware
-from herd.utils.run import final_metrics, log_hparams, provenance_of, write_metrics_json
+from herd.utils.run import (
+    final_metrics,
+    log_hparams,
+    peak_memory_gb,
+    provenance_of,
+    write_metrics_json,
+)
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -113,7 +119,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # trivial baselines the data module knows (e.g. a unigram model's loss, chance accuracy)
     references = datamodule.reference_metrics() if hasattr(datamodule, "reference_metrics") else {}
-    metrics = final_metrics(fit_metrics, test_metrics, references)
+    memory = {"perf/peak_memory_gb": peak_memory_gb(trainer.strategy.root_device)}
+    metrics = final_metrics(fit_metrics, test_metrics, references, memory)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         output_dir = Path(cfg.paths.output_dir)
         write_metrics_json(output_dir, metrics)

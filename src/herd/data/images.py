@@ -234,7 +234,9 @@ class ImageDataModule(L.LightningDataModule):
             torchvision.transforms.v2 (on uint8 images); null for none.
         skip_bad_samples: skip and count bad manifest lines and unreadable images instead
             of stopping with an error.
-        seed: fixes the split and the shuffling.
+        seed: fixes the shuffling.
+        split_seed: fixes the split, apart from `seed` so that a seed sweep keeps one test
+            set and the fusion stage sees the vision stage's split.
     """
 
     def __init__(
@@ -251,6 +253,7 @@ class ImageDataModule(L.LightningDataModule):
         skip_bad_samples: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        split_seed: int = 42,
     ):
         super().__init__()
         augment = plain(augment)  # checkpoints must load with weights_only=True
@@ -313,7 +316,7 @@ class ImageDataModule(L.LightningDataModule):
                 f"{hp.num_classes}; set data.num_classes={n_classes}."
             )
         self.class_names += [str(i) for i in range(n_classes, hp.num_classes)]
-        splits = stratified_split(labels, hp.val_fraction, hp.test_fraction, hp.seed)
+        splits = stratified_split(labels, hp.val_fraction, hp.test_fraction, hp.split_seed)
         label_tensor = torch.tensor(labels, dtype=torch.long)
         for name, index in splits.items():
             index = torch.from_numpy(index)

@@ -24,7 +24,7 @@ import logging
 import random
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -32,15 +32,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from herd.data.audio import read_audio
+from herd.data.audio import read_audio, speed_perturb
 from herd.data.images import digits_images, stratified_split
 from herd.data.numbers import make_phrases, number_to_english
 from herd.data.packing import IGNORE_INDEX
 from herd.data.passkey import NEEDLE, REPEATED_FILLER
-from herd.data.sampling import resumable_train_sampler
+from herd.data.sampling import length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
 from herd.data.tokenizer import Tokenizer
 from herd.errors import ConfigError, DataError
+from herd.utils.config import plain
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +145,28 @@ def collate(samples: list[dict], pad_id: int) -> dict:
 
 
 class ExampleDataset(Dataset):
-    """Examples of one or more tasks, encoded on access (images and audio stay tensors)."""
+    """Examples of one or more tasks, encoded on access (images and audio stay tensors).
+    With `speed_factors`, each access plays the audio at a factor drawn from them (before
+    the placeholders are counted), as the speech stage does."""
 
-    def __init__(self, examples: list[Example], tokenizer: Tokenizer, speech_tokens=None):
+    def __init__(
+        self,
+        examples: list[Example],
+        tokenizer: Tokenizer,
+        speech_tokens=None,
+        speed_factors: tuple[float, ...] = (),
+        seed: int = 0,
+    ):
         self.examples, self.tokenizer, self.speech_tokens = examples, tokenizer, speech_tokens
+        self.speed_factors, self.rng = tuple(speed_factors), random.Random(seed)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
+        if ex.audio is not None and self.speed_factors:
+            ex = replace(ex, audio=speed_perturb(ex.audio, self.rng.choice(self.speed_factors)))
         return {
             **encode_example(ex, self.tokenizer, self.speech_tokens),
             "task": ex.task,
@@ -216,8 +229,9 @@ def passkey_examples(n: int, seed: int, max_filler_repeats: int = 4) -> list[Exa
 
 
 def image_examples(split: str, image_size: int, channels: int, seed: int) -> list[Example]:
-    """Handwritten digits -> their English word, on the vision stage's own split (same seed
-    and fractions as data=digits), scaled to [-1, 1] as the image encoder was trained."""
+    """Handwritten digits -> their English word, on the vision stage's own split (same
+    split_seed and fractions as data=digits), scaled to [-1, 1] as the image encoder was
+    trained."""
     images, labels, _ = digits_images(image_size, channels)
     index = stratified_split(labels, 0.15, 0.15, seed)[split]
     return [
@@ -250,6 +264,7 @@ class FusionDataModule(L.LightningDataModule):
     """The five tasks of the digits world, mixed for training by `weights`; validation and
     test hold up to `val_per_task` / `test_per_task` examples of every task with weight > 0.
 
+    `speed_perturb` lists speed factors drawn per training clip ([] or null: none).
     The tokenizer and the speech placeholder count come from the fusion model being trained
     (`trainer.lightning_module`), so prompts always match it; outside a trainer pass them to
     `setup_for(tokenizer, speech_tokens, image_size, channels)`.
@@ -267,8 +282,11 @@ class FusionDataModule(L.LightningDataModule):
         speech_manifest: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        split_seed: int = 42,
+        speed_perturb: list[float] | None = None,
     ):
         super().__init__()
+        speed_perturb = [float(f) for f in plain(speed_perturb) or []]
         self.save_hyperparameters()
         self.hparams.weights = {
             str(k): float(v) for k, v in (weights or dict.fromkeys(TASKS, 1.0)).items()
@@ -282,6 +300,8 @@ class FusionDataModule(L.LightningDataModule):
         self.speech_tokens = None
         self.image_size, self.channels = 32, 1
         self.datasets: dict[str, ExampleDataset] = {}
+        self.train_lengths: list[int] = []
+        self.answer_tokens_per_batch: float | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -312,7 +332,18 @@ class FusionDataModule(L.LightningDataModule):
                     for t in self.tasks
                     for ex in rng.sample(by_task[t], min(cap, len(by_task[t])))
                 ]
-            self.datasets[split] = ExampleDataset(examples, self.tokenizer, self.speech_tokens)
+            speed = tuple(hp.speed_perturb) if split == "train" else ()
+            self.datasets[split] = ExampleDataset(
+                examples, self.tokenizer, self.speech_tokens, speed, hp.seed
+            )
+        # lengths at normal speed: the buckets only need them roughly
+        train = self.datasets["train"]
+        plain_train = ExampleDataset(train.examples, self.tokenizer, self.speech_tokens)
+        encoded = [plain_train[i] for i in range(len(train))]
+        self.train_lengths = [len(e["input_ids"]) for e in encoded]
+        # the training loss's fixed denominator (see FusionSystem.training_step)
+        answer_tokens = sum(sum(y != IGNORE_INDEX for y in e["labels"]) for e in encoded)
+        self.answer_tokens_per_batch = hp.batch_size * answer_tokens / max(1, len(encoded))
         log.info(
             "Fusion data: %s",
             ", ".join(f"{t}: {len(by_split['train'][t])} train" for t in self.tasks),
@@ -322,7 +353,7 @@ class FusionDataModule(L.LightningDataModule):
         hp, tasks = self.hparams, self.tasks
         out: dict[str, list[Example]] = {}
         if "image" in tasks:
-            out["image"] = image_examples(split, self.image_size, self.channels, hp.seed)
+            out["image"] = image_examples(split, self.image_size, self.channels, hp.split_seed)
         spoken = tuple(t for t in ("asr", "st") if t in tasks)
         if spoken:
             manifest = Path(hp.speech_manifest) if hp.speech_manifest else DIGITS_MANIFEST
@@ -339,19 +370,27 @@ class FusionDataModule(L.LightningDataModule):
             raise DataError(f"The {split} split has no examples for task(s) {empty}.")
         return out
 
-    def _loader(self, split: str, **kwargs) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
             num_workers=self.hparams.num_workers,
-            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        size, batch = len(self.datasets["train"]), self.hparams.batch_size
-        return self._loader(
-            "train", sampler=resumable_train_sampler(self, size, batch), drop_last=True
+        # The tasks' samples run from 20 (image) to ~220 (passkey) tokens, and batches padded
+        # to their longest spent ~70% of the compute on padding. Coarse buckets keep the short
+        # tasks mixed within a batch (fully sorted, nearly one-task batches learnt the
+        # sequence tasks more slowly per step) and the long passkey samples among themselves.
+        batches = length_bucket_train_batches(
+            self, self.train_lengths, self.hparams.batch_size, bucket_width=96
+        )
+        return DataLoader(
+            self.datasets["train"],
+            batch_sampler=batches,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+            num_workers=self.hparams.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:

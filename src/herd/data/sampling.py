@@ -3,6 +3,7 @@ killed anywhere (mid-epoch included) resumes on exactly the batches it would hav
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import torch
@@ -53,3 +54,71 @@ def resumable_train_sampler(datamodule, size: int, batch_size: int) -> Resumable
     world = trainer.world_size
     consumed = trainer.global_step * trainer.accumulate_grad_batches * batch_size * world
     return ResumableShuffleSampler(size, seed, consumed, trainer.global_rank, world)
+
+
+class LengthBucketBatches(Sampler[list[int]]):
+    """An endless stream of training batches of similar-length clips, so little compute goes
+    into padding.
+
+    Each pass: shuffle, cut into pools of `pool_batches` batches, sort each pool by length
+    (rounded down to a multiple of `bucket_width`; the sort is stable, so samples within one
+    bucket stay in random order), cut it into batches, and shuffle the batches;
+    deterministic in (seed, pass). `start` is
+    the number of batches (over all ranks) already consumed, so a resumed run continues on
+    exactly the batches it would have seen; rank r of `world_size` takes every
+    world_size-th batch from r."""
+
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int = 0,
+        pool_batches: int = 8,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        bucket_width: int = 1,
+    ):
+        self.lengths = [n // bucket_width for n in lengths]
+        self.batch_size = batch_size
+        self.seed, self.pool = seed, batch_size * pool_batches
+        self.start, self.rank, self.world_size = start, rank, world_size
+
+    def batches_of_pass(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        batches = []
+        for start in range(0, len(order), self.pool):
+            pool = sorted(order[start : start + self.pool], key=self.lengths.__getitem__)
+            batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+        # a short last batch would be a noisy step; drop it while there are others
+        batches = [b for b in batches if len(b) == self.batch_size] or batches
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start + self.rank, len(self.batches_of_pass(0)))
+        batches = self.batches_of_pass(epoch)
+        while True:
+            yield batches[offset]
+            offset += self.world_size
+            while offset >= len(batches):
+                offset -= len(batches)
+                epoch += 1
+                batches = self.batches_of_pass(epoch)
+
+
+def length_bucket_train_batches(
+    datamodule, lengths: list[int], batch_size: int, pool_batches: int = 8, bucket_width: int = 1
+) -> LengthBucketBatches:
+    """LengthBucketBatches for `datamodule`'s training loader, positioned after the batches
+    its trainer has already stepped through (0 outside a trainer)."""
+    trainer, seed = datamodule.trainer, int(datamodule.hparams.get("seed", 0))
+    start, rank, world = 0, 0, 1
+    if trainer is not None:
+        rank, world = trainer.global_rank, trainer.world_size
+        start = trainer.global_step * trainer.accumulate_grad_batches * world
+    return LengthBucketBatches(
+        lengths, batch_size, seed, pool_batches, start, rank, world, bucket_width
+    )

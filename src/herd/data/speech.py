@@ -26,10 +26,11 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from herd.data.audio import SAMPLE_RATE, audio_duration, read_audio, speed_perturb
 from herd.data.manifest import read_jsonl_manifest
+from herd.data.sampling import length_bucket_train_batches
 from herd.errors import ConfigError
 
 DIGITS_MANIFEST = Path(__file__).resolve().parents[1] / "assets" / "speech" / "manifest.jsonl"
@@ -156,55 +157,6 @@ class ClipDataset(Dataset):
         }
 
 
-class LengthBucketBatches(Sampler[list[int]]):
-    """An endless stream of training batches of similar-length clips, so little compute goes
-    into padding.
-
-    Each pass: shuffle, cut into pools of `pool_batches` batches, sort each pool by length,
-    cut it into batches, and shuffle the batches; deterministic in (seed, pass). `start` is
-    the number of batches (over all ranks) already consumed, so a resumed run continues on
-    exactly the batches it would have seen; rank r of `world_size` takes every
-    world_size-th batch from r."""
-
-    def __init__(
-        self,
-        lengths: list[int],
-        batch_size: int,
-        seed: int = 0,
-        pool_batches: int = 8,
-        start: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.lengths, self.batch_size = lengths, batch_size
-        self.seed, self.pool = seed, batch_size * pool_batches
-        self.start, self.rank, self.world_size = start, rank, world_size
-
-    def batches_of_pass(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 100_003 + epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        batches = []
-        for start in range(0, len(order), self.pool):
-            pool = sorted(order[start : start + self.pool], key=self.lengths.__getitem__)
-            batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
-        # a short last batch would be a noisy step; drop it while there are others
-        batches = [b for b in batches if len(b) == self.batch_size] or batches
-        rng.shuffle(batches)
-        return batches
-
-    def __iter__(self):
-        epoch, offset = divmod(self.start + self.rank, len(self.batches_of_pass(0)))
-        batches = self.batches_of_pass(epoch)
-        while True:
-            yield batches[offset]
-            offset += self.world_size
-            while offset >= len(batches):
-                offset -= len(batches)
-                epoch += 1
-                batches = self.batches_of_pass(epoch)
-
-
 def collate_clips(items: list[dict]) -> dict:
     """Pad waveforms and targets; lengths say where the real samples end."""
     return {
@@ -302,11 +254,7 @@ class SpeechDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         lengths = [len(c.waveform) for c in self.clips["train"]]
-        trainer, start, rank, world = self.trainer, 0, 0, 1
-        if trainer is not None:  # continue after the batches already stepped through
-            rank, world = trainer.global_rank, trainer.world_size
-            start = trainer.global_step * trainer.accumulate_grad_batches * world
-        batches = LengthBucketBatches(lengths, hp.batch_size, hp.seed, 8, start, rank, world)
+        batches = length_bucket_train_batches(self, lengths, hp.batch_size)
         return DataLoader(
             self.datasets["train"],
             batch_sampler=batches,

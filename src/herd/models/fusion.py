@@ -39,6 +39,7 @@ class FusionModel(nn.Module):
         speech_encoder: SpeechEncoder | None = None,
         cross_attention_every: int = 4,
         speech_adapter: dict | None = None,  # SpeechAdapterConfig fields besides the widths
+        speech_augment: nn.Module | None = None,  # on the log-mels, e.g. SpecAugment
     ):
         super().__init__()
         dim = decoder.config.dim
@@ -57,6 +58,9 @@ class FusionModel(nn.Module):
             )
         self.speech_encoder = speech_encoder
         self.speech_adapter = None
+        # training-time augmentation between the encoder's front end and its Conformer (a
+        # module that is the identity in eval mode)
+        self.speech_augment = speech_augment or nn.Identity()
         if speech_encoder is not None:
             adapter_cfg = SpeechAdapterConfig(
                 **{
@@ -91,7 +95,10 @@ class FusionModel(nn.Module):
         if self.speech_encoder is None:
             raise ConfigError("A sample has speech but this fusion model has no speech encoder.")
         has_audio = audio_lengths > 0
-        hidden, lengths = self.speech_encoder(audio[has_audio], audio_lengths[has_audio])
+        features, frame_lengths = self.speech_encoder.features(
+            audio[has_audio], audio_lengths[has_audio]
+        )  # [B', F, n_mels]
+        hidden, lengths = self.speech_encoder.encode(self.speech_augment(features), frame_lengths)
         speech, lengths = self.speech_adapter(hidden, lengths)  # [B', L, D], [B']
         real = torch.arange(speech.shape[1], device=tokens.device)[None] < lengths[:, None]
         wanted, given = placeholders.sum(dim=1)[has_audio], lengths

@@ -32,6 +32,25 @@ def llama_config(llama: dict, vocab_size: int) -> LlamaConfig:
     return LlamaConfig(**fields)
 
 
+def with_context(model: Llama, llama: dict, source) -> Llama:
+    """Set a trained decoder's context from the run's `context=` (`llama["max_seq_len"]`,
+    `llama["rope_scaling"]`). The checkpoint's own RoPE scaling is kept; one without takes
+    the context's scaling when that has one: context extension, Llama 3.1's recipe. Past
+    the RoPE's original length only a scaled context is accepted."""
+    cfg = model.config
+    scaling = cfg.rope_scaling or llama.get("rope_scaling")
+    wanted = llama.get("max_seq_len") or cfg.max_seq_len
+    if wanted > cfg.original_max_seq_len and scaling is None:
+        raise ConfigError(
+            f"context of {wanted} tokens is longer than the {cfg.original_max_seq_len} that "
+            f"{source} supports; pick a shorter context=, or extend it with a context that "
+            "sets rope_scaling."
+        )
+    model.config = replace(cfg, max_seq_len=wanted, rope_scaling=scaling)
+    model.reset_rope()
+    return model
+
+
 class LanguageSystem(HerdSystem):
     """Owns training only; the architecture is `herd.models.llama.Llama` (self.model).
 
@@ -83,11 +102,8 @@ class LanguageSystem(HerdSystem):
 
     @staticmethod
     def _load_pretrained(path: str, llama: dict) -> Llama:
-        """A real checkpoint directory (HF / Meta), or a herd language checkpoint (.ckpt).
-
-        The checkpoint's own RoPE scaling is kept. A checkpoint without scaling takes the
-        context's scaling when it has one: that is context extension (Llama 3.1's recipe), and
-        only then may the context be longer than the checkpoint was built for."""
+        """A real checkpoint directory (HF / Meta), or a herd language checkpoint (.ckpt),
+        at this run's context (see `with_context`)."""
         if str(path).endswith(".ckpt"):
             from herd.systems.common import load_system
 
@@ -96,17 +112,7 @@ class LanguageSystem(HerdSystem):
             # Train in fp32 master weights: released checkpoints are bf16, whose precision loses
             # most fine-tuning updates; precision= then decides the compute dtype.
             model = load_pretrained_llama(path, dtype=torch.float32)
-        cfg = model.config
-        scaling = cfg.rope_scaling or llama.get("rope_scaling")
-        wanted = llama.get("max_seq_len") or cfg.max_seq_len
-        if wanted > cfg.max_seq_len and scaling is None:
-            raise ConfigError(
-                f"context of {wanted} tokens is longer than the {cfg.max_seq_len} that {path} "
-                "supports; pick a shorter context=, or extend it with a context that sets rope_scaling."
-            )
-        model.config = replace(cfg, max_seq_len=wanted, rope_scaling=scaling)
-        model.reset_rope()
-        return model
+        return with_context(model, llama, path)
 
     def configure_model(self) -> None:
         # The one place training techniques touch the model (parallel strategies wrap after).

@@ -73,7 +73,12 @@ def chunked_cross_entropy(
     """Mean token cross-entropy and the number of counted tokens, without a [B, T, V] tensor."""
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
     labels = labels.reshape(-1)  # [N]
-    n_tokens = (labels != IGNORE_INDEX).sum()
+    valid = labels != IGNORE_INDEX
+    n_tokens = valid.sum()
+    if n_tokens < labels.numel():
+        # Rows without a target (prompts, padding: most of a fine-tuning batch) get no
+        # logits at all. Costs one host sync; fully labelled pre-training batches skip it.
+        hidden, labels = hidden[valid], labels[valid]  # [N', D], [N']
     loss = _ChunkedLinearCrossEntropy.apply(
         hidden, weight, labels, chunk_size, torch.is_grad_enabled()
     )

@@ -3,6 +3,8 @@ on this machine stops here with one sentence naming the option and what to use i
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from omegaconf import DictConfig
 
@@ -13,6 +15,11 @@ GPU_ONLY_PRECISIONS = {
     "16-mixed": "fp16_mixed",
     "16-true": "fp16 true",
     "transformer-engine": "fp8",
+}
+# option -> (module it needs, how to install it): optional extras, not in the base install
+OPTIONAL_PACKAGES = {
+    "deepspeed": ("deepspeed", "pip install -e '.[deepspeed]'"),
+    "transformer-engine": ("transformer_engine", "pip install -e '.[fp8]' on the CUDA machine"),
 }
 
 
@@ -32,16 +39,22 @@ def check_hardware(cfg: DictConfig) -> None:
             "(or auto) on this machine."
         )
     on_gpu = cuda and accelerator in ("gpu", "cuda", "auto")
-    if on_gpu:
-        return
     strategy = _name(trainer.get("strategy", "auto"))
+    precision = str(trainer.get("precision", "32-true"))
+    if on_gpu:
+        for key, (module, install) in OPTIONAL_PACKAGES.items():
+            if key in strategy or precision.startswith(key):
+                if importlib.util.find_spec(module) is None:
+                    raise ConfigError(
+                        f"{key} needs the {module} package, which is not installed; {install}."
+                    )
+        return
     for key, label in GPU_ONLY_STRATEGIES.items():
         if key in strategy:
             raise ConfigError(
                 f"strategy={key} ({label}) needs CUDA GPUs and this run is on CPU; "
                 "use strategy=ddp_spawn (2 CPU processes) or strategy=single."
             )
-    precision = str(trainer.get("precision", "32-true"))
     for key, label in GPU_ONLY_PRECISIONS.items():
         if precision.startswith(key):
             raise ConfigError(

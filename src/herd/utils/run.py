@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -31,6 +32,15 @@ def final_metrics(*metric_dicts) -> dict[str, float]:
             if math.isfinite(value):
                 merged[key] = value
     return dict(sorted(merged.items()))
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this run in GB: on CUDA what the caching allocator handed out
+    (torch.cuda.max_memory_allocated), elsewhere the process's peak resident set size
+    (weights, activations, data and the Python interpreter together)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kilobytes
 
 
 def write_metrics_json(output_dir: str | Path, metrics: dict[str, float]) -> Path:
