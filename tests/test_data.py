@@ -34,18 +34,6 @@ def test_bundled_bpe_compresses_english_prose():
     assert len(text) / len(tok.encode(text)) > 3.0  # bytes give 1.0
 
 
-def test_bundled_bpe_splits_numbers_like_llama3_and_knows_number_words():
-    tok = load_tokenizer("herd_bpe")
-    pieces = [tok.decode([i]) for i in tok.encode("the key is 1234567. nine eight neun")]
-    # digits never merge with the space or letters before them, and at most three together
-    digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
-    assert "".join(digit_pieces) == "1234567" and all(p.isdigit() for p in digit_pieces)
-    assert max(map(len, digit_pieces)) <= 3
-    # the spoken and translated number words are single tokens
-    for word in (" nine", " eight", " neun"):
-        assert word in pieces, pieces
-
-
 def test_missing_tokenizer_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.json does not exist"):
         load_tokenizer(str(tmp_path / "nope.json"))

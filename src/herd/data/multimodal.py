@@ -199,7 +199,7 @@ def mix_examples(
 # ----------------------------------------------------------------------------- text tasks
 
 
-def phrase_split(key: str, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
+def _split_of(key: str, val_fraction: float, test_fraction: float) -> str:
     """A stable split from a content hash, so the same phrase is in the same split on every
     machine and in every stage."""
     u = zlib.crc32(key.encode()) / 2**32
@@ -212,7 +212,7 @@ def translation_examples(n: int, seed: int, split: str, val_fraction=0.1, test_f
     return [
         Example("mt", PROMPTS["mt"].format(text=p.english), p.german)
         for p in phrases
-        if phrase_split(p.english, val_fraction, test_fraction) == split
+        if _split_of(p.english, val_fraction, test_fraction) == split
     ]
 
 

@@ -1,8 +1,7 @@
 """Tokenizers with Llama 3's special tokens.
 
-- `herd_bpe`: a 4096-token byte-level BPE with Llama 3's pre-tokenisation, trained with the
-  `tokenizers` library on the embedded English corpus and the number phrases of the
-  multimodal tasks, shipped in `herd/assets/tokenizers/` (regenerate with
+- `herd_bpe`: a 4096-token byte-level BPE trained with the `tokenizers` library on the
+  embedded English corpus and shipped in `herd/assets/tokenizers/` (regenerate with
   `python -m herd.data.tokenizer`).
 - `bytes`: UTF-8 bytes plus the special tokens; needs no file.
 - a path to a Hugging Face `tokenizer.json`, to Meta's `tokenizer.model` (tiktoken BPE
@@ -210,20 +209,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def train_bpe(texts, vocab_size: int):
-    """Train a byte-level BPE with Llama 3's pre-tokenisation (LLAMA3_PATTERN: words keep
-    their leading space, numbers split into groups of at most three digits) and the
-    special tokens."""
-    from tokenizers import Regex
+    """Train a byte-level BPE (GPT-2/Llama 3 style pre-tokenisation) with the special tokens."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = RustTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -235,28 +226,17 @@ def train_bpe(texts, vocab_size: int):
     return tok
 
 
-def training_texts() -> list[str]:
-    """The bundled BPE's training text: the English corpus's training documents and the
-    training split of the English/German number phrases that the multimodal tasks speak
-    (never validation or test text). With the phrases, number words are single tokens and
-    the phrases take 2.3x fewer tokens; prose tokenises as before (-2%)."""
-    from herd.data.corpus import python_docs_documents, split_documents
-    from herd.data.multimodal import phrase_split
-    from herd.data.numbers import make_phrases
-
-    phrases = [p for p in make_phrases(6000, seed=0) if phrase_split(p.english) == "train"]
-    documents = split_documents(python_docs_documents())["train"]
-    return documents + [p.english for p in phrases] + [p.german for p in phrases]
-
-
 def main() -> None:
+    from herd.data.corpus import python_docs_documents, split_documents
+
     parser = argparse.ArgumentParser(description="Retrain the bundled BPE on the embedded corpus.")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument(
         "--out", default=str(files("herd.assets") / "tokenizers" / BUNDLED["herd_bpe"])
     )
     args = parser.parse_args()
-    train_bpe(training_texts(), args.vocab_size).save(args.out)
+    train_docs = split_documents(python_docs_documents())["train"]  # never fit on val/test text
+    train_bpe(train_docs, args.vocab_size).save(args.out)
     print(f"wrote {args.out}")
 
 
