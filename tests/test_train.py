@@ -45,6 +45,8 @@ def test_short_real_training_run_learns_and_leaves_a_complete_run_dir(train_cfg)
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk == pytest.approx(metrics)
     assert all("/" in k for k in on_disk)
+    # peak memory of this run: at least the weights, far below this machine's memory
+    assert 0.05 < on_disk["perf/peak_memory_gb"] < 16
     assert (run_dir / "checkpoints" / "last.ckpt").stat().st_size > 0
     acc, values = scalars(run_dir)
     for tag in (

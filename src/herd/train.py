@@ -25,6 +25,7 @@ from herd.utils.run import (
     log_hparams,
     peak_memory_gb,
     provenance_of,
+    reset_peak_memory,
     write_metrics_json,
 )
 
@@ -102,6 +103,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
+    reset_peak_memory(trainer.strategy.root_device)
     if cfg.train:
         if ckpt_path:
             log.info("Resuming from %s", ckpt_path)

@@ -71,7 +71,12 @@ class HerdSystem(L.LightningModule):
     """Base of the stage systems: checkpoints record which system wrote them, so
     `load_system` (and herd-eval) can reopen any of them from the path alone, and the run
     that wrote them (resolved config, data config, git revision) when herd-train set
-    `provenance`."""
+    `provenance`.
+
+    It also holds the plumbing every stage shares: a system implements
+    `_eval_step(batch, split)` (accumulate metrics) and `_log_eval(split)` (log and reset
+    them), may scale learning rates by parameter name with `lr_multipliers()`, and keeps
+    its optimiser and scheduler configs in `hparams.optimizer` / `hparams.scheduler`."""
 
     # {"config": resolved run config, "data": the data config with its interpolations,
     #  "git": revision}; plain containers only, so checkpoints load with weights_only=True
@@ -84,6 +89,35 @@ class HerdSystem(L.LightningModule):
             "system": f"{cls.__module__}.{cls.__qualname__}",
             **(self.provenance or {}),
         }
+
+    def _eval_step(self, batch, split: str):
+        raise NotImplementedError
+
+    def _log_eval(self, split: str) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch, batch_idx: int):
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int):
+        return self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/grad_norm", grad_norm(self), on_step=True, on_epoch=False)
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """{glob pattern of parameter names: learning-rate factor} (see decay_param_groups)."""
+        return {}
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return build_optimization(self, hp.optimizer, hp.scheduler, self.lr_multipliers())
 
 
 def read_checkpoint_header(path: str | Path) -> dict:

@@ -18,7 +18,7 @@ from herd.models.fusion import FusionModel
 from herd.models.llama import Llama
 from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
 from herd.models.vision import ImageEncoder, ImageEncoderConfig
-from herd.systems.common import HerdSystem, build_optimization, grad_norm, load_system
+from herd.systems.common import HerdSystem, load_system
 from herd.systems.finetune import apply_finetune_strategy
 from herd.systems.language import llama_config, with_context
 from herd.systems.losses import chunked_cross_entropy
@@ -246,12 +246,6 @@ class FusionSystem(HerdSystem):
                     }
                 )
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
     def _log_eval(self, split: str) -> None:
         self.log(f"{split}/loss", self.eval_loss[split].compute(), prog_bar=split == "val")
         self.eval_loss[split].reset()
@@ -271,23 +265,13 @@ class FusionSystem(HerdSystem):
     def on_test_epoch_start(self) -> None:
         self.predictions["test"] = []
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self.model), on_step=True, on_epoch=False)
-
-    def configure_optimizers(self):
+    def lr_multipliers(self) -> dict[str, float]:
         hp = self.hparams
-        multipliers = {
+        return {
             "*.cross_attn.gate_*": hp.gate_lr_multiplier,
             "model.image_encoder.*": hp.encoder_lr_multiplier,
             "model.speech_encoder.*": hp.encoder_lr_multiplier,
         }
-        return build_optimization(self, hp.optimizer, hp.scheduler, multipliers)
 
 
 __all__ = ["TASKS", "FusionSystem"]

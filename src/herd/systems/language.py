@@ -12,7 +12,7 @@ from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
 from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate
 from herd.models.pretrained import load_pretrained_llama
-from herd.systems.common import HerdSystem, build_optimization, grad_norm
+from herd.systems.common import HerdSystem
 from herd.systems.losses import chunked_cross_entropy
 from herd.systems.techniques import apply_training_techniques, check_checkpointing_mode
 from herd.utils.config import plain
@@ -140,29 +140,11 @@ class LanguageSystem(HerdSystem):
         loss, n_tokens = self.loss(batch)
         self.eval_loss[split].update(loss, weight=n_tokens)  # token-weighted mean over the split
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
     def _log_eval(self, split: str) -> None:
         loss = self.eval_loss[split].compute()
         self.eval_loss[split].reset()
         self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=False)
         self.log(f"{split}/ppl", torch.exp(loss).clamp(max=math.exp(20)))
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self.model), on_step=True, on_epoch=False)
-
-    def configure_optimizers(self):
-        return build_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
 
     # -- inference --------------------------------------------------------------------------
 

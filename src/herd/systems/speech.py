@@ -22,7 +22,7 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 from herd.data.audio import SpecAugment
 from herd.data.speech import CharVocabulary
 from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
-from herd.systems.common import HerdSystem, build_optimization, grad_norm
+from herd.systems.common import HerdSystem
 from herd.utils.config import plain
 
 
@@ -142,12 +142,6 @@ class SpeechSystem(HerdSystem):
         self.wer[split].update(hypotheses, batch["texts"])
         self.cer[split].update(hypotheses, batch["texts"])
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
     def _log_eval(self, split: str) -> None:
         for name, metric in (("loss", self.eval_loss), ("wer", self.wer), ("cer", self.cer)):
             value = metric[split].compute()
@@ -155,17 +149,8 @@ class SpeechSystem(HerdSystem):
             self.log(f"{split}/{name}", value, prog_bar=split == "val" and name != "cer")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
+        super().on_validation_epoch_end()
         self._last_step_time = None  # the validation pause is not training time
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self), on_step=True, on_epoch=False)
-
-    def configure_optimizers(self):
-        return build_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
 
 
 __all__ = ["SpeechSystem", "ctc_greedy_decode"]

@@ -10,7 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from herd.errors import ConfigError
 from herd.models.vision import ImageEncoder, ImageEncoderConfig
-from herd.systems.common import HerdSystem, build_optimization, grad_norm
+from herd.systems.common import HerdSystem
 from herd.utils.config import plain
 
 
@@ -98,28 +98,10 @@ class VisionSystem(HerdSystem):
         # for callbacks (image grid, confusion matrix): what the model answered
         return {"preds": logits.argmax(dim=-1), "labels": labels}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
-        return self._eval_step(batch, "test")
-
     def _log_eval(self, split: str) -> None:
         for name, metric in self.metrics[split].items():
             self.log(f"{split}/{name}", metric.compute(), prog_bar=name == "top1")
             metric.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self), on_step=True, on_epoch=False)
-
-    def configure_optimizers(self):
-        return build_optimization(self, self.hparams.optimizer, self.hparams.scheduler)
 
     @torch.no_grad()
     def predict_labels(self, images: torch.Tensor) -> torch.Tensor:

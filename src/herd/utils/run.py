@@ -34,13 +34,28 @@ def final_metrics(*metric_dicts) -> dict[str, float]:
     return dict(sorted(merged.items()))
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory_gb`'s count afresh (each job of a multirun shares one process)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak counts from the process start
+
+
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this run in GB: on CUDA what the caching allocator handed out
-    (torch.cuda.max_memory_allocated), elsewhere the process's peak resident set size
-    (weights, activations, data and the Python interpreter together)."""
+    """Peak memory since `reset_peak_memory`, in GB: on CUDA what the caching allocator
+    handed out (torch.cuda.max_memory_allocated), elsewhere the process's peak resident set
+    size (weights, activations, data and the Python interpreter together)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kilobytes
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1e6  # kB
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kB
 
 
 def write_metrics_json(output_dir: str | Path, metrics: dict[str, float]) -> Path:
