@@ -32,7 +32,7 @@ from herd.utils.cli import report_errors
 from herd.utils.run import write_metrics_json
 
 # Each stage: the experiment it runs and what the recipe changes (on 2 CPU cores the four
-# stages together take about 20 minutes).
+# stages together take about 24 minutes).
 STAGES: dict[str, list[str]] = {
     "language": [],  # herd-train's default job: the small Llama on the embedded English text
     "vision": ["experiment=vision_digits"],
