@@ -44,16 +44,21 @@ class ResumableShuffleSampler(Sampler[int]):
                 order = self._permutation(epoch)
 
 
+def _train_position(datamodule, items_per_step: int) -> tuple[int, int, int, int]:
+    """(seed, items over all ranks already consumed, rank, world size) for `datamodule`'s
+    training loader: its trainer's step times `items_per_step` per rank (0 outside a trainer)."""
+    trainer, seed = datamodule.trainer, int(datamodule.hparams.get("seed", 0))
+    if trainer is None:
+        return seed, 0, 0, 1
+    world = trainer.world_size
+    consumed = trainer.global_step * trainer.accumulate_grad_batches * items_per_step * world
+    return seed, consumed, trainer.global_rank, world
+
+
 def resumable_train_sampler(datamodule, size: int, batch_size: int) -> ResumableShuffleSampler:
     """The sampler for `datamodule`'s training loader, positioned after the batches its
     trainer has already stepped through (0 outside a trainer)."""
-    trainer = datamodule.trainer
-    seed = int(datamodule.hparams.get("seed", 0))
-    if trainer is None:
-        return ResumableShuffleSampler(size, seed)
-    world = trainer.world_size
-    consumed = trainer.global_step * trainer.accumulate_grad_batches * batch_size * world
-    return ResumableShuffleSampler(size, seed, consumed, trainer.global_rank, world)
+    return ResumableShuffleSampler(size, *_train_position(datamodule, batch_size))
 
 
 class LengthBucketBatches(Sampler[list[int]]):
@@ -63,10 +68,9 @@ class LengthBucketBatches(Sampler[list[int]]):
     Each pass: shuffle, cut into pools of `pool_batches` batches, sort each pool by length
     (rounded down to a multiple of `bucket_width`; the sort is stable, so samples within one
     bucket stay in random order), cut it into batches, and shuffle the batches;
-    deterministic in (seed, pass). `start` is
-    the number of batches (over all ranks) already consumed, so a resumed run continues on
-    exactly the batches it would have seen; rank r of `world_size` takes every
-    world_size-th batch from r."""
+    deterministic in (seed, pass). `start` is the number of batches (over all ranks) already
+    consumed, so a resumed run continues on exactly the batches it would have seen; rank r
+    of `world_size` takes every world_size-th batch from r."""
 
     def __init__(
         self,
@@ -98,8 +102,10 @@ class LengthBucketBatches(Sampler[list[int]]):
         return batches
 
     def __iter__(self):
-        epoch, offset = divmod(self.start + self.rank, len(self.batches_of_pass(0)))
-        batches = self.batches_of_pass(epoch)
+        batches = self.batches_of_pass(0)  # every pass has as many batches
+        epoch, offset = divmod(self.start + self.rank, len(batches))
+        if epoch:
+            batches = self.batches_of_pass(epoch)
         while True:
             yield batches[offset]
             offset += self.world_size
@@ -114,11 +120,7 @@ def length_bucket_train_batches(
 ) -> LengthBucketBatches:
     """LengthBucketBatches for `datamodule`'s training loader, positioned after the batches
     its trainer has already stepped through (0 outside a trainer)."""
-    trainer, seed = datamodule.trainer, int(datamodule.hparams.get("seed", 0))
-    start, rank, world = 0, 0, 1
-    if trainer is not None:
-        rank, world = trainer.global_rank, trainer.world_size
-        start = trainer.global_step * trainer.accumulate_grad_batches * world
+    seed, start, rank, world = _train_position(datamodule, 1)
     return LengthBucketBatches(
         lengths, batch_size, seed, pool_batches, start, rank, world, bucket_width
     )
