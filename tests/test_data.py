@@ -55,6 +55,21 @@ def test_packing_pads_the_last_row():
     assert rows["doc_ids"][1].tolist() == [0, 0, -1, -1]
 
 
+def test_packing_whole_documents_never_straddles_a_row():
+    docs = [[10, 11, 12], [20, 21], [30, 31, 32, 33], [40, 41, 42, 43, 44, 45]]
+    rows = pack_documents(docs, seq_len=4, pad_id=0, whole_documents=True)
+    assert rows["input_ids"].tolist() == [
+        [10, 11, 12, 0],
+        [20, 21, 0, 0],
+        [30, 31, 32, 33],
+        [40, 41, 42, 43],  # longer than a row: split as before
+        [44, 45, 0, 0],
+    ]
+    assert rows["labels"].tolist()[0] == [11, 12, IGNORE_INDEX, IGNORE_INDEX]
+    assert rows["labels"].tolist()[2] == [31, 32, 33, IGNORE_INDEX]
+    assert rows["doc_ids"].tolist()[1] == [0, 0, -1, -1]
+
+
 def test_split_is_deterministic_and_disjoint():
     docs = pydoc_documents()
     a, b = split_documents(docs), split_documents(list(docs))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from herd.callbacks.passkey import PasskeyRetrieval, passkey_accuracy
 from herd.data.packing import StagedPackedStream
-from herd.data.passkey import make_passkey_sample
+from herd.data.passkey import REPEATED_FILLER, make_passkey_sample, passkey_training_texts
 from herd.data.tokenizer import load_tokenizer
 from herd.models.llama import Llama, LlamaConfig
 from herd.systems.losses import IGNORE_INDEX
@@ -38,6 +40,37 @@ def test_stream_resumes_exactly_mid_schedule():
     resumed.step = 4
     for expected, got in zip(reference[4:], resumed, strict=False):
         assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_stream_with_whole_documents_keeps_short_documents_in_one_row():
+    stages = [(0, 16), (3, 32), (5, 64)]
+    stream = StagedPackedStream(DOCS, stages, 64, seed=1, pad_id=0, whole_documents=True)
+    reference = [b for b, _ in zip(stream, range(8), strict=False)]
+    for b in reference:
+        seq_len = b["input_ids"].shape[1]
+        for tokens, docs in zip(b["input_ids"].tolist(), b["doc_ids"].tolist(), strict=True):
+            runs = [list(g) for _, g in itertools.groupby(zip(docs, tokens, strict=True))]
+            for run in runs:
+                doc, token = run[0]
+                if doc >= 0:  # DOCS[i] is [100 + i] * (5 + i % 17)
+                    length = 5 + (token - 100) % 17
+                    assert len(run) == length or length > seq_len
+    resumed = StagedPackedStream(DOCS, stages, 64, seed=1, pad_id=0, whole_documents=True)
+    resumed.step = 4
+    for expected, got in zip(reference[4:], resumed, strict=False):
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_passkey_documents_answer_their_own_key_with_log_uniform_filler():
+    docs = passkey_training_texts(2000, random.Random(0), max_filler_repeats=14)
+    repeats = []
+    for doc in docs:
+        key = re.search(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\.", doc)
+        assert key and doc.endswith(f"What is the pass key? The pass key is {key.group(1)}.")
+        repeats.append(doc.count(REPEATED_FILLER))
+    assert max(repeats) == 13 and min(repeats) == 0
+    assert sorted(repeats)[len(repeats) // 2] <= 3  # most documents are short ...
+    assert sum(r >= 10 for r in repeats) > 100  # ... and many still span most of a row
 
 
 def test_bad_stages_are_refused():

@@ -40,28 +40,54 @@ def rows_from_stream(
     }
 
 
-def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+def _lay_out(
+    tokens: list[int],
+    doc_of: list[int],
+    doc: list[int],
+    number: int,
+    seq_len: int,
+    pad_id: int,
+    whole_documents: bool,
+) -> None:
+    """Append one document to a stream laid out in rows of seq_len (from tokens[0]); with
+    `whole_documents`, pad to the next row first when it fits in a row but not in this one."""
+    room = seq_len - len(tokens) % seq_len
+    if whole_documents and room < len(doc) <= seq_len:
+        tokens += [pad_id] * room
+        doc_of += [-1] * room
+    tokens += doc
+    doc_of += [number] * len(doc)
+
+
+def pack_documents(
+    docs: list[list[int]], seq_len: int, pad_id: int, whole_documents: bool = False
+) -> dict[str, torch.Tensor]:
     """-> {"input_ids", "labels", "doc_ids"}, each [N, seq_len] int64.
 
     Row r holds stream tokens r*seq_len .. (r+1)*seq_len - 1 and predicts the token after
-    each; the last row is padded."""
+    each; the last row is padded. With `whole_documents`, a document that fits in a row never
+    straddles two: the row is padded and the document opens the next one (a retrieval
+    document cut in two would separate its key from its question)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}.")
-    lengths = torch.tensor([len(d) for d in docs], dtype=torch.int64)
-    stream = torch.tensor([t for d in docs for t in d], dtype=torch.int64)  # [L]
-    doc_of = torch.repeat_interleave(torch.arange(len(docs)), lengths)  # [L]
-    n_rows = max(1, -(-(len(stream) - 1) // seq_len))
-    pad = n_rows * seq_len + 1 - len(stream)
-    stream = torch.cat([stream, torch.full((pad,), pad_id, dtype=torch.int64)])
-    doc_of = torch.cat([doc_of, torch.full((pad,), -1, dtype=torch.int64)])
-    return rows_from_stream(stream, doc_of, seq_len)
+    tokens: list[int] = []
+    doc_of: list[int] = []
+    for number, doc in enumerate(docs):
+        _lay_out(tokens, doc_of, doc, number, seq_len, pad_id, whole_documents)
+    n_rows = max(1, -(-(len(tokens) - 1) // seq_len))
+    pad = n_rows * seq_len + 1 - len(tokens)
+    stream = torch.tensor(tokens + [pad_id] * pad, dtype=torch.int64)  # [n_rows * seq_len + 1]
+    owner = torch.tensor(doc_of + [-1] * pad, dtype=torch.int64)
+    return rows_from_stream(stream, owner, seq_len)
 
 
 class PackedDataset(torch.utils.data.Dataset):
     """Rows of a packed corpus; each item is a dict of [seq_len] tensors."""
 
-    def __init__(self, docs: list[list[int]], seq_len: int, pad_id: int):
-        self.rows = pack_documents(docs, seq_len, pad_id)
+    def __init__(
+        self, docs: list[list[int]], seq_len: int, pad_id: int, whole_documents: bool = False
+    ):
+        self.rows = pack_documents(docs, seq_len, pad_id, whole_documents)
         self.seq_len = seq_len
 
     def __len__(self) -> int:
@@ -77,9 +103,10 @@ class StagedPackedStream(torch.utils.data.IterableDataset):
     `stages` is [(first_step, seq_len), ...]. Every batch holds about `tokens_per_batch`
     tokens (tokens_per_batch // seq_len rows, at least one), so later stages train on longer,
     fewer rows. Documents are packed at the current stage's length as the stream reaches
-    them; each pass over the corpus is shuffled with its own seed. The stream position is a
-    function of `step` alone, so setting `step` before iterating resumes exactly.
-    Yields whole batches: use it with DataLoader(batch_size=None).
+    them; each pass over the corpus is shuffled with its own seed. `whole_documents` as in
+    `pack_documents`. The stream position is a function of `step` alone (the batches before
+    it are laid out again, without tensors), so setting `step` before iterating resumes
+    exactly. Yields whole batches: use it with DataLoader(batch_size=None).
     """
 
     def __init__(
@@ -88,6 +115,8 @@ class StagedPackedStream(torch.utils.data.IterableDataset):
         stages: list[tuple[int, int]],
         tokens_per_batch: int,
         seed: int = 0,
+        pad_id: int = 0,
+        whole_documents: bool = False,
     ):
         stages = [(int(first), int(n)) for first, n in stages]
         if not stages or stages[0][0] != 0:
@@ -100,6 +129,7 @@ class StagedPackedStream(torch.utils.data.IterableDataset):
             tokens_per_batch,
             seed,
         )
+        self.pad_id, self.whole_documents = pad_id, whole_documents
         self.step = 0
 
     def seq_len_at(self, step: int) -> int:
@@ -108,37 +138,39 @@ class StagedPackedStream(torch.utils.data.IterableDataset):
     def rows_at(self, step: int) -> int:
         return max(1, self.tokens_per_batch // self.seq_len_at(step))
 
-    def tokens_before(self, step: int) -> int:
-        """Stream tokens consumed by the batches before `step`."""
-        ends = [first for first, _ in self.stages[1:]] + [step]
-        total = 0
-        for (first, seq_len), end in zip(self.stages, ends, strict=True):
-            steps = max(0, min(step, end) - first)
-            total += steps * max(1, self.tokens_per_batch // seq_len) * seq_len
-        return total
-
-    def _stream(self):
-        """(token, document number) pairs, pass after shuffled pass over the corpus."""
+    def _documents(self):
+        """(document number, tokens), pass after shuffled pass over the corpus."""
         number = 0
         for pass_index in itertools.count():
             order = list(range(len(self.docs)))
             random.Random(self.seed * 1_000_003 + pass_index).shuffle(order)
             for i in order:
-                for token in self.docs[i]:
-                    yield token, number
+                yield number, self.docs[i]
                 number += 1
 
+    def _layouts(self):
+        """(seq_len, tokens, doc_of) of the batches at step 0, 1, ...: rows * seq_len + 1
+        stream tokens each (the last is only a label; it opens the next batch)."""
+        documents = self._documents()
+        tokens: list[int] = []
+        doc_of: list[int] = []
+        for step in itertools.count():
+            seq_len, rows = self.seq_len_at(step), self.rows_at(step)
+            need = rows * seq_len + 1
+            while len(tokens) < need:
+                number, doc = next(documents)
+                _lay_out(tokens, doc_of, doc, number, seq_len, self.pad_id, self.whole_documents)
+            yield seq_len, tokens[:need], doc_of[:need]
+            tokens, doc_of = tokens[rows * seq_len :], doc_of[rows * seq_len :]
+
     def __iter__(self):
-        stream = self._stream()
-        for _ in itertools.islice(stream, self.tokens_before(self.step)):
-            pass
-        window: list[tuple[int, int]] = []
-        while True:
-            seq_len, rows = self.seq_len_at(self.step), self.rows_at(self.step)
-            need = rows * seq_len + 1  # the last token is only a label; it opens the next batch
-            window += itertools.islice(stream, need - len(window))
-            tokens = torch.tensor([t for t, _ in window], dtype=torch.int64)
-            doc_of = torch.tensor([d for _, d in window], dtype=torch.int64)
-            yield rows_from_stream(tokens, doc_of, seq_len)
-            window = window[rows * seq_len :]
+        layouts = self._layouts()
+        for _ in range(self.step):
+            next(layouts)
+        for seq_len, tokens, doc_of in layouts:
+            yield rows_from_stream(
+                torch.tensor(tokens, dtype=torch.int64),
+                torch.tensor(doc_of, dtype=torch.int64),
+                seq_len,
+            )
             self.step += 1

@@ -61,15 +61,20 @@ def make_passkey_sample(
 
 def passkey_training_texts(n: int, rng: random.Random, max_filler_repeats: int = 12) -> list[str]:
     """Documents that teach the retrieval format: a key at a random place in repeated filler,
-    the question, and the answer. Mixed into language data for long-context training."""
+    the question, and the answer. Mixed into language data for long-context training.
+
+    The filler is 0 .. max_filler_repeats - 1 copies of REPEATED_FILLER in all, log-uniform (one
+    more than the count is), split at a random point: short documents give many retrieval examples
+    per training token, the long ones teach the distance."""
     docs = []
     for _ in range(n):
         key = f"{rng.randrange(10_000, 100_000)}"
-        before, after = rng.randrange(max_filler_repeats), rng.randrange(max_filler_repeats)
+        repeats = int((max_filler_repeats + 1) ** rng.random()) - 1
+        before = rng.randint(0, repeats)
         docs.append(
             REPEATED_FILLER * before
             + NEEDLE.format(key=key)
-            + REPEATED_FILLER * after
+            + REPEATED_FILLER * (repeats - before)
             + f"{QUESTION} {key}."
         )
     return docs

@@ -32,6 +32,7 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         context_stages: list | None = None,
         passkey_docs: int = 0,
+        whole_documents: bool = False,
     ):
         super().__init__()
         context_stages = plain(context_stages)  # checkpoints must load with weights_only=True
@@ -67,16 +68,16 @@ class TextDataModule(L.LightningDataModule):
         splits = split_documents(self._texts(), hp.val_fraction, hp.test_fraction)
         if hp.passkey_docs:
             # Retrieval practice mixed into training only, so held-out loss stays plain prose.
-            # Filler on both sides together spans up to ~80% of a row.
+            # The longest documents fill ~80% of a row.
             rng = random.Random(hp.seed)
             per_filler = len(self.tokenizer.encode(REPEATED_FILLER))
-            repeats = max(1, int(0.4 * hp.seq_len / per_filler))
+            repeats = max(1, int(0.85 * hp.seq_len / per_filler))
             splits["train"] += passkey_training_texts(hp.passkey_docs, rng, repeats)
         for name, texts in splits.items():
             self.documents[name] = [self.tokenizer.encode(t, bos=True, eos=True) for t in texts]
             if self.documents[name]:
                 self.datasets[name] = PackedDataset(
-                    self.documents[name], hp.seq_len, self.tokenizer.pad_id
+                    self.documents[name], hp.seq_len, self.tokenizer.pad_id, hp.whole_documents
                 )
         if "train" in self.datasets and len(self.datasets["train"]) < hp.batch_size:
             raise ConfigError(
@@ -122,6 +123,8 @@ class TextDataModule(L.LightningDataModule):
             [tuple(s) for s in hp.context_stages],
             hp.batch_size * hp.seq_len,
             hp.seed,
+            self.tokenizer.pad_id,
+            hp.whole_documents,
         )
         if self.trainer is not None:
             self.train_stream.step = self.trainer.global_step * self.trainer.accumulate_grad_batches
