@@ -118,6 +118,12 @@ def _cases():
 
         return build
 
+    def with_pretrained(*overrides):
+        def build(tmp):
+            return "train", [*overrides, f"model.pretrained={a_language_checkpoint(tmp / 'lm')}"]
+
+        return build
+
     return [
         # configs
         ("fsdp on cpu", cfg(*FAST, "strategy=fsdp"), r"strategy=fsdp \(FSDP\) needs CUDA GPUs"),
@@ -193,6 +199,11 @@ def _cases():
             "checkpoint of other settings",
             with_checkpoint(*FAST, "model.llama.n_layers=3"),
             r"other model settings: model.llama.n_layers",
+        ),
+        (
+            "pretrained with another tokenizer",
+            with_pretrained(*FAST, "data.tokenizer=bytes"),
+            r"trained with tokenizer 'herd_bpe', not 'bytes'; set data.tokenizer=herd_bpe",
         ),
         (
             "eval longer than checkpoint",

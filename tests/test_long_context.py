@@ -15,9 +15,12 @@ from herd.callbacks.passkey import PasskeyRetrieval, passkey_accuracy
 from herd.data.packing import StagedPackedStream
 from herd.data.passkey import REPEATED_FILLER, make_passkey_sample, passkey_training_texts
 from herd.data.tokenizer import load_tokenizer
+from herd.evaluate import evaluate
 from herd.models.llama import Llama, LlamaConfig
 from herd.systems.losses import IGNORE_INDEX
 from herd.train import train
+
+from .conftest import compose_cfg
 
 DOCS = [[100 + i] * (5 + i % 17) for i in range(200)]
 
@@ -109,6 +112,18 @@ def test_staged_training_run_logs_the_schedule_and_resumes_in_the_right_stage(tr
     run = Path(cfg.paths.output_dir)
     assert context_lengths(run) == [512] * 4 + [1024] * 3 + [2048] * 2
     uninterrupted = losses(run)
+
+    # the short-context check after an extension: the schedule does not bind herd-eval
+    at_512 = compose_cfg(
+        "eval",
+        [
+            f"ckpt_path={run / 'checkpoints/last.ckpt'}",
+            "context=512t",
+            "trainer.limit_test_batches=2",
+        ],
+        tmp_path / "at_512",
+    )
+    assert 0 < evaluate(at_512)["test/loss"] < 9.0
 
     # the same run, stopped after step 5 and resumed from its checkpoint
     first = train_cfg(*common, "trainer.max_steps=5")

@@ -45,6 +45,8 @@ def resolve_data_config(cfg: DictConfig, header: dict) -> None:
         )
     with open_dict(cfg):
         cfg.data = OmegaConf.merge(trained, given)
+        if cfg.data.get("context_stages") and "context_stages" not in given:
+            cfg.data.context_stages = None  # a training schedule: the test runs at context=
 
 
 def fit_language_context(cfg: DictConfig, system: LanguageSystem) -> None:

@@ -84,7 +84,7 @@ class LanguageSystem(HerdSystem):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
         if pretrained:
-            self.model = self._load_pretrained(pretrained, llama)
+            self.model = self._load_pretrained(pretrained, llama, tokenizer)
             # Checkpoints of this run rebuild the architecture from the resolved config and
             # take the weights from their own state dict, not from the pretrained directory.
             self.hparams.llama = self.model.config.to_dict()
@@ -101,13 +101,21 @@ class LanguageSystem(HerdSystem):
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     @staticmethod
-    def _load_pretrained(path: str, llama: dict) -> Llama:
+    def _load_pretrained(path: str, llama: dict, tokenizer: str) -> Llama:
         """A real checkpoint directory (HF / Meta), or a herd language checkpoint (.ckpt),
         at this run's context (see `with_context`)."""
         if str(path).endswith(".ckpt"):
             from herd.systems.common import load_system
 
-            model = load_system(path).model.float()
+            system = load_system(path)
+            # Same-sized vocabularies would train on silently scrambled ids.
+            if system.hparams.get("tokenizer", tokenizer) != tokenizer:
+                raise ConfigError(
+                    f"Checkpoint {path} was trained with tokenizer "
+                    f"{system.hparams.tokenizer!r}, not {tokenizer!r}; set "
+                    f"data.tokenizer={system.hparams.tokenizer}."
+                )
+            model = system.model.float()
         else:
             # Train in fp32 master weights: released checkpoints are bf16, whose precision loses
             # most fine-tuning updates; precision= then decides the compute dtype.
