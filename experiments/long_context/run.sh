@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The CPU-scale context study, end to end (about 65 minutes on 2 cores):
-#   1. pre-train at 512 tokens (experiment=context_short), then continue it once with fresh
-#      retrieval documents and a lower peak learning rate (the copying circuit forms late)
+# The CPU-scale context study, end to end (about 40 minutes on 2 cores):
+#   1. pre-train at 512 tokens (experiment=context_short)
 #   2. measure it at 4x its length with RoPE unextended (herd-eval extrapolate=true)
 #   3. extend to 2048 tokens with llama3 RoPE scaling (experiment=context_extension)
 #   4. measure short-context loss before and after the extension (herd-eval context=512t)
@@ -14,9 +13,7 @@ quiet=(trainer.enable_progress_bar=false)
 passkey=(+callbacks.passkey._target_=herd.callbacks.PasskeyRetrieval '+callbacks.passkey.lengths=[512,1024,2048]'
          +callbacks.passkey.samples_per_cell=10)
 
-.venv/bin/herd-train experiment=context_short "${quiet[@]}" hydra.run.dir=$runs/short_a
-.venv/bin/herd-train experiment=context_short model.pretrained=$runs/short_a/checkpoints/last.ckpt \
-    model.optimizer.lr=1.5e-3 seed=43 "${quiet[@]}" hydra.run.dir=$runs/short
+.venv/bin/herd-train experiment=context_short "${quiet[@]}" hydra.run.dir=$runs/short
 .venv/bin/herd-eval ckpt_path=$runs/short/checkpoints/last.ckpt context=2k extrapolate=true \
     "${passkey[@]}" "${quiet[@]}" hydra.run.dir=$runs/short_at_2k
 .venv/bin/herd-train experiment=context_extension short_ckpt=$runs/short/checkpoints/last.ckpt \

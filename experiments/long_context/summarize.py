@@ -21,14 +21,6 @@ def main(root: Path) -> None:
     ).stdout.strip()
     print("# Context study, CPU scale: results\n")
     print(f"git {revision}, {platform.machine()} CPU, {platform.python_version()}\n")
-    print("| short stage (512 tokens) | passkey accuracy @512 | prose val loss |\n|---|---|---|")
-    for run, label in (
-        ("short_a", "context_short, 2400 steps"),
-        ("short", "continued, +2400 steps"),
-    ):
-        m = metrics(root, run)
-        print(f"| {label} | {m['test/passkey_acc@512']:.0%} | {m['val/loss']:.3f} |")
-    print()
     print(
         "| passkey accuracy (mean over 5 depths, 10 keys each) | before (512-token model) | after extension to 2048 |"
     )
