@@ -68,7 +68,7 @@ class TextDataModule(L.LightningDataModule):
         splits = split_documents(self._texts(), hp.val_fraction, hp.test_fraction)
         if hp.passkey_docs:
             # Retrieval practice mixed into training only, so held-out loss stays plain prose.
-            # The longest documents fill ~80% of a row.
+            # The longest filler spans ~80% of a row (key, question and answer add ~40 tokens).
             rng = random.Random(hp.seed)
             per_filler = len(self.tokenizer.encode(REPEATED_FILLER))
             repeats = max(1, int(0.85 * hp.seq_len / per_filler))
