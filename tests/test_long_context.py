@@ -64,16 +64,18 @@ def test_stream_with_whole_documents_keeps_short_documents_in_one_row():
         assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_passkey_documents_answer_their_own_key_with_log_uniform_filler():
+def test_passkey_documents_mix_short_ones_with_distant_keys():
     docs = passkey_training_texts(2000, random.Random(0), max_filler_repeats=14)
-    repeats = []
+    repeats, distances = [], []
     for doc in docs:
         key = re.search(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\.", doc)
         assert key and doc.endswith(f"What is the pass key? The pass key is {key.group(1)}.")
         repeats.append(doc.count(REPEATED_FILLER))
+        distances.append(doc[key.end() :].count(REPEATED_FILLER))
     assert max(repeats) == 13 and min(repeats) == 0
-    assert sorted(repeats)[len(repeats) // 2] <= 3  # most documents are short ...
-    assert sum(r >= 10 for r in repeats) > 100  # ... and many still span most of a row
+    assert sorted(repeats[::2])[500] <= 3  # half are short: many examples per token ...
+    assert sum(d >= 10 for d in distances[1::2]) > 200  # ... half put keys up to a row back
+    assert sum(d >= 10 for d in distances) < 400
 
 
 def test_bad_stages_are_refused():

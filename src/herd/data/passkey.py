@@ -60,21 +60,29 @@ def make_passkey_sample(
 
 
 def passkey_training_texts(n: int, rng: random.Random, max_filler_repeats: int = 12) -> list[str]:
-    """Documents that teach the retrieval format: a key at a random place in repeated filler,
-    the question, and the answer. Mixed into language data for long-context training.
+    """Documents that teach the retrieval format: a key in repeated filler, the question, and the
+    answer. Mixed into language data for long-context training.
 
-    The filler is 0 .. max_filler_repeats - 1 copies of REPEATED_FILLER in all, log-uniform (one
-    more than the count is), split at a random point: short documents give many retrieval examples
-    per training token, the long ones teach the distance."""
+    A document holds 0 .. max_filler_repeats - 1 copies of REPEATED_FILLER, some before the key
+    and the rest (the distance to the question) after it. Half the documents are short: the count
+    is log-uniform (one more than it is) and split at a random point, giving many retrieval
+    examples per training token, which is how copying is learnt. In the other half the distance
+    is uniform up to the longest, so keys a full row back are common too (with short documents
+    alone, keys 400 tokens back were 2% of the examples and seldom retrieved)."""
     docs = []
-    for _ in range(n):
+    for i in range(n):
         key = f"{rng.randrange(10_000, 100_000)}"
-        repeats = int((max_filler_repeats + 1) ** rng.random()) - 1
-        before = rng.randint(0, repeats)
+        if i % 2:  # distance first, then filler before the key in the room left
+            after = rng.randrange(max_filler_repeats)
+            before = rng.randrange(max_filler_repeats - after)
+        else:
+            repeats = int((max_filler_repeats + 1) ** rng.random()) - 1
+            before = rng.randint(0, repeats)
+            after = repeats - before
         docs.append(
             REPEATED_FILLER * before
             + NEEDLE.format(key=key)
-            + REPEATED_FILLER * (repeats - before)
+            + REPEATED_FILLER * after
             + f"{QUESTION} {key}."
         )
     return docs
