@@ -68,7 +68,7 @@ def passkey_training_texts(n: int, rng: random.Random, max_filler_repeats: int =
     is log-uniform (one more than it is) and split at a random point, giving many retrieval
     examples per training token, which is how copying is learnt. In the other half the distance
     is uniform up to the longest, so keys a full row back are common too (with short documents
-    alone, keys 400 tokens back were 2% of the examples and seldom retrieved)."""
+    alone, keys 300+ tokens back were 2% of the examples and seldom retrieved)."""
     docs = []
     for i in range(n):
         key = f"{rng.randrange(10_000, 100_000)}"
