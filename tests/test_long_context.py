@@ -13,7 +13,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from herd.callbacks.passkey import PasskeyRetrieval, passkey_accuracy
 from herd.data.packing import StagedPackedStream
-from herd.data.passkey import REPEATED_FILLER, make_passkey_sample, passkey_training_texts
+from herd.data.passkey import (
+    NEEDLE,
+    QUESTION,
+    REPEATED_FILLER,
+    make_passkey_sample,
+    passkey_training_documents,
+)
 from herd.data.tokenizer import load_tokenizer
 from herd.evaluate import evaluate
 from herd.models.llama import Llama, LlamaConfig
@@ -64,18 +70,34 @@ def test_stream_with_whole_documents_keeps_short_documents_in_one_row():
         assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_passkey_documents_mix_short_ones_with_distant_keys():
-    docs = passkey_training_texts(2000, random.Random(0), max_filler_repeats=14)
-    repeats, distances = [], []
-    for doc in docs:
-        key = re.search(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\.", doc)
-        assert key and doc.endswith(f"What is the pass key? The pass key is {key.group(1)}.")
-        repeats.append(doc.count(REPEATED_FILLER))
-        distances.append(doc[key.end() :].count(REPEATED_FILLER))
-    assert max(repeats) == 13 and min(repeats) == 0
-    assert sorted(repeats[::2])[500] <= 3  # half are short: many examples per token ...
-    assert sum(d >= 10 for d in distances[1::2]) > 200  # ... half put keys up to a row back
-    assert sum(d >= 10 for d in distances) < 400  # the short half adds few distant keys
+def passkey_document_layout(tok, doc: list[int]) -> tuple[int, int]:
+    """(tokens before the key, tokens from the key's needle to the question) of a training doc."""
+    text = tok.decode(doc[1:])
+    key = re.search(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\. ", text)
+    assert key and text.endswith(f"What is the pass key? The pass key is {key.group(1)}.")
+    needle = tok.encode(NEEDLE.format(key=key.group(1)))
+    start = next(i for i in range(len(doc)) if doc[i : i + len(needle)] == needle)
+    question = len(doc) - len(tok.encode(f"{QUESTION} {key.group(1)}.")) - 1
+    return start - 1, question - start - len(needle)
+
+
+@pytest.mark.parametrize("seq_len", [512, 2048])
+def test_passkey_documents_mix_short_ones_with_distant_keys(seq_len):
+    tok = load_tokenizer("herd_bpe")
+    docs = passkey_training_documents(tok, 1000, random.Random(0), seq_len)
+    assert all(d[0] == tok.bos_id and d[-1] == tok.eos_id for d in docs)
+    assert max(map(len, docs)) == seq_len  # the longest fill a row ...
+    before, distance = zip(*(passkey_document_layout(tok, d) for d in docs), strict=True)
+    # ... so a full-length prompt's key is no further back than the furthest trained ones
+    full = make_passkey_sample(tok, seq_len - 8, 0.0, random.Random(0))
+    full_doc = [*full.tokens, *tok.encode(full.answer + "."), tok.eos_id]
+    assert max(distance) >= 0.98 * passkey_document_layout(tok, full_doc)[1]
+    short, long = sorted(map(len, docs[::2])), distance[1::2]
+    assert short[len(short) // 2] < seq_len // 3  # half are short: many examples per token ...
+    assert sum(d > seq_len // 2 for d in long) > 150  # ... half put keys up to a row back
+    # the key sits at any token of the filler, mid-sentence too, as in evaluation prompts
+    sentence = len(tok.encode(REPEATED_FILLER))
+    assert len({b % sentence for b in before}) == sentence
 
 
 def test_bad_stages_are_refused():

@@ -35,9 +35,7 @@ def make_passkey_sample(
 ) -> PasskeySample:
     """A prompt of exactly `length` tokens (filler trimmed to fit) with the key at `depth`."""
     key = f"{rng.randrange(10_000, 100_000)}"
-    needle = tokenizer.encode(NEEDLE.format(key=key))
-    question = tokenizer.encode(QUESTION)
-    budget = length - len(needle) - len(question) - 1  # -1: <|begin_of_text|>
+    budget = length - _prompt_overhead(tokenizer, key)
     if budget < 1:
         raise ValueError(f"A passkey prompt needs more than {length} tokens.")
     filler: list[int] = []
@@ -51,38 +49,58 @@ def make_passkey_sample(
         while len(filler) < budget:  # a short corpus repeats
             filler += filler
     else:
-        chunk = tokenizer.encode(REPEATED_FILLER)
-        filler = chunk * (budget // len(chunk) + 1)
+        filler = _repeated_filler(tokenizer, budget)
     filler = filler[:budget]
     cut = round(depth * len(filler))
-    tokens = [tokenizer.bos_id, *filler[:cut], *needle, *filler[cut:], *question]
+    tokens = _prompt(tokenizer, key, filler[:cut], filler[cut:])
     return PasskeySample(tokens=tokens, answer=" " + key, length=length, depth=depth)
 
 
-def passkey_training_texts(n: int, rng: random.Random, max_filler_repeats: int = 12) -> list[str]:
-    """Documents that teach the retrieval format: a key in repeated filler, the question, and the
-    answer. Mixed into language data for long-context training.
+def _prompt_overhead(tokenizer: Tokenizer, key: str) -> int:
+    """Tokens of a prompt other than filler: <|begin_of_text|>, the needle and the question."""
+    return 1 + len(tokenizer.encode(NEEDLE.format(key=key))) + len(tokenizer.encode(QUESTION))
 
-    A document holds 0 .. max_filler_repeats - 1 copies of REPEATED_FILLER, some before the key
-    and the rest (the distance to the question) after it. Half the documents are short: the count
-    is log-uniform (one more than it is) and split at a random point, giving many retrieval
-    examples per training token, which is how copying is learnt. In the other half the distance
-    is uniform up to the longest, so keys a full row back are common too (with short documents
-    alone, keys 300+ tokens back were 2% of the examples and seldom retrieved)."""
+
+def _repeated_filler(tokenizer: Tokenizer, n: int) -> list[int]:
+    chunk = tokenizer.encode(REPEATED_FILLER)
+    return (chunk * (n // len(chunk) + 1))[:n]
+
+
+def _prompt(tokenizer: Tokenizer, key: str, before: list[int], after: list[int]) -> list[int]:
+    needle = tokenizer.encode(NEEDLE.format(key=key))
+    return [tokenizer.bos_id, *before, *needle, *after, *tokenizer.encode(QUESTION)]
+
+
+def passkey_training_documents(
+    tokenizer: Tokenizer, n: int, rng: random.Random, seq_len: int
+) -> list[list[int]]:
+    """Documents that teach retrieval, mixed into language data for long-context training: a
+    prompt built as the evaluation builds it (the key can sit at any token of the filler, even
+    mid-sentence), then the answer and <|end_of_text|>. The longest fill a row of `seq_len`, so
+    a full-length prompt's key is no further back than trained ones.
+
+    Half the documents are short: the filler length plus one copy of the filler sentences is
+    log-uniform, and the filler is split at a random token, giving many retrieval examples per training token, which is how
+    copying is learnt. In the other half the key-to-question distance is uniform up to the
+    longest, so keys a full row back are common too (with short documents alone, keys 300+
+    tokens back were 2% of the examples and seldom retrieved)."""
+    sentence = len(tokenizer.encode(REPEATED_FILLER))
+    sentences = 1 + seq_len / sentence
     docs = []
     for i in range(n):
         key = f"{rng.randrange(10_000, 100_000)}"
+        answer = tokenizer.encode(f" {key}.")
+        longest = seq_len - _prompt_overhead(tokenizer, key) - len(answer) - 1  # -1: <|end_of_text|>
+        if longest < 0:
+            raise ValueError(f"A passkey training document needs more than {seq_len} tokens.")
         if i % 2:  # distance first, then filler before the key in the room left
-            after = rng.randrange(max_filler_repeats)
-            before = rng.randrange(max_filler_repeats - after)
+            after = rng.randint(0, longest)
+            before = rng.randint(0, longest - after)
         else:
-            repeats = int((max_filler_repeats + 1) ** rng.random()) - 1
-            before = rng.randint(0, repeats)
-            after = repeats - before
-        docs.append(
-            REPEATED_FILLER * before
-            + NEEDLE.format(key=key)
-            + REPEATED_FILLER * after
-            + f"{QUESTION} {key}."
-        )
+            total = min(longest, int(sentences ** rng.random() * sentence) - sentence)
+            before = rng.randint(0, total)
+            after = total - before
+        filler = _repeated_filler(tokenizer, before + after)
+        prompt = _prompt(tokenizer, key, filler[:before], filler[before:])
+        docs.append([*prompt, *answer, tokenizer.eos_id])
     return docs

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from herd.data.corpus import CORPORA, read_text_manifest, split_documents
 from herd.data.packing import IGNORE_INDEX, PackedDataset, StagedPackedStream
-from herd.data.passkey import REPEATED_FILLER, passkey_training_texts
+from herd.data.passkey import passkey_training_documents
 from herd.data.sampling import resumable_train_sampler
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
@@ -66,15 +66,14 @@ class TextDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         splits = split_documents(self._texts(), hp.val_fraction, hp.test_fraction)
-        if hp.passkey_docs:
-            # Retrieval practice mixed into training only, so held-out loss stays plain prose.
-            # The longest filler spans ~80% of a row (key, question and answer add ~40 tokens).
-            rng = random.Random(hp.seed)
-            per_filler = len(self.tokenizer.encode(REPEATED_FILLER))
-            repeats = max(1, int(0.85 * hp.seq_len / per_filler))
-            splits["train"] += passkey_training_texts(hp.passkey_docs, rng, repeats)
         for name, texts in splits.items():
             self.documents[name] = [self.tokenizer.encode(t, bos=True, eos=True) for t in texts]
+        if hp.passkey_docs:
+            # Retrieval practice mixed into training only, so held-out loss stays plain prose.
+            self.documents["train"] += passkey_training_documents(
+                self.tokenizer, hp.passkey_docs, random.Random(hp.seed), hp.seq_len
+            )
+        for name in splits:
             if self.documents[name]:
                 self.datasets[name] = PackedDataset(
                     self.documents[name], hp.seq_len, self.tokenizer.pad_id, hp.whole_documents
