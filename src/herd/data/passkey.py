@@ -90,7 +90,8 @@ def passkey_training_documents(
     for i in range(n):
         key = f"{rng.randrange(10_000, 100_000)}"
         answer = tokenizer.encode(f" {key}.")
-        longest = seq_len - _prompt_overhead(tokenizer, key) - len(answer) - 1  # -1: <|end_of_text|>
+        # filler tokens that still leave room for the answer and <|end_of_text|>
+        longest = seq_len - _prompt_overhead(tokenizer, key) - len(answer) - 1
         if longest < 0:
             raise ValueError(f"A passkey training document needs more than {seq_len} tokens.")
         if i % 2:  # distance first, then filler before the key in the room left
