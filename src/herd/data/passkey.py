@@ -79,13 +79,13 @@ def passkey_training_documents(
     mid-sentence), then the answer and <|end_of_text|>. The longest fill a row of `seq_len`, so
     a full-length prompt's key is no further back than trained ones.
 
-    Half the documents are short: the filler length plus one copy of the filler sentences is
-    log-uniform, and the filler is split at a random token, giving many retrieval examples per training token, which is how
-    copying is learnt. In the other half the key-to-question distance is uniform up to the
+    Half the documents are short: the filler length (plus one copy of REPEATED_FILLER) is
+    log-uniform and split at a random token, giving many retrieval examples per training token,
+    which is how copying is learnt. In the other half the key-to-question distance is uniform up to the
     longest, so keys a full row back are common too (with short documents alone, keys 300+
     tokens back were 2% of the examples and seldom retrieved)."""
-    sentence = len(tokenizer.encode(REPEATED_FILLER))
-    sentences = 1 + seq_len / sentence
+    copy = len(tokenizer.encode(REPEATED_FILLER))  # tokens
+    copies_per_row = 1 + seq_len / copy  # the log-uniform range, in copies, is [1, this)
     docs = []
     for i in range(n):
         key = f"{rng.randrange(10_000, 100_000)}"
@@ -98,7 +98,7 @@ def passkey_training_documents(
             after = rng.randint(0, longest)
             before = rng.randint(0, longest - after)
         else:
-            total = min(longest, int(sentences ** rng.random() * sentence) - sentence)
+            total = min(longest, int(copies_per_row ** rng.random() * copy) - copy)
             before = rng.randint(0, total)
             after = total - before
         filler = _repeated_filler(tokenizer, before + after)
