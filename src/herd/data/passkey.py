@@ -81,9 +81,9 @@ def passkey_training_documents(
 
     Half the documents are short: the filler length (plus one copy of REPEATED_FILLER) is
     log-uniform and split at a random token, giving many retrieval examples per training token,
-    which is how copying is learnt. In the other half the key-to-question distance is uniform up to the
-    longest, so keys a full row back are common too (with short documents alone, keys 300+
-    tokens back were 2% of the examples and seldom retrieved)."""
+    which is how copying is learnt. In the other half the key-to-question distance is uniform
+    up to the longest, so keys a full row back are common too (with short documents alone,
+    keys 300+ tokens back were 2% of the examples and seldom retrieved)."""
     copy = len(tokenizer.encode(REPEATED_FILLER))  # tokens
     copies_per_row = 1 + seq_len / copy  # the log-uniform range, in copies, is [1, this)
     docs = []
