@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from herd.callbacks.passkey import PasskeyRetrieval, passkey_accuracy
+from herd.callbacks.passkey import ANSWER_ROOM, PasskeyRetrieval, passkey_accuracy
 from herd.data.packing import StagedPackedStream
 from herd.data.passkey import (
     NEEDLE,
@@ -89,7 +89,7 @@ def test_passkey_documents_mix_short_ones_with_distant_keys(seq_len):
     assert max(map(len, docs)) == seq_len  # the longest fill a row ...
     before, distance = zip(*(passkey_document_layout(tok, d) for d in docs), strict=True)
     # ... so a full-length prompt's key is no further back than the furthest trained ones
-    full = make_passkey_sample(tok, seq_len - 8, 0.0, random.Random(0))
+    full = make_passkey_sample(tok, seq_len - ANSWER_ROOM, 0.0, random.Random(0))
     full_doc = [*full.tokens, *tok.encode(full.answer + "."), tok.eos_id]
     assert max(distance) >= 0.98 * passkey_document_layout(tok, full_doc)[1]
     short, long = sorted(map(len, docs[::2])), distance[1::2]

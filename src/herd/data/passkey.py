@@ -57,8 +57,8 @@ def make_passkey_sample(
 
 
 def _prompt_overhead(tokenizer: Tokenizer, key: str) -> int:
-    """Tokens of a prompt other than filler: <|begin_of_text|>, the needle and the question."""
-    return 1 + len(tokenizer.encode(NEEDLE.format(key=key))) + len(tokenizer.encode(QUESTION))
+    """Tokens of a prompt other than filler."""
+    return len(_prompt(tokenizer, key, [], []))
 
 
 def _repeated_filler(tokenizer: Tokenizer, n: int) -> list[int]:
