@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU-scale context study, end to end (about 90 minutes on 2 cores):
+# The CPU-scale context study, end to end (about two hours on 2 cores):
 #   1. pre-train at 512 tokens (experiment=context_short)
 #   2. measure it at 4x its length with RoPE unextended (herd-eval extrapolate=true)
 #   3. extend to 2048 tokens with llama3 RoPE scaling (experiment=context_extension)
