@@ -9,12 +9,12 @@ import torch
 
 from herd.data.multimodal import Example, ExampleDataset, collate, encode_example
 from herd.data.tokenizer import load_tokenizer
-from herd.models.fusion import FusionModel
+from herd.models.fusion import FusionModel, build_fusion_model
 from herd.models.llama import Llama, LlamaConfig
 from herd.models.lora import LoRALinear, add_lora, merge_lora
 from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
-from herd.models.vision import ImageEncoder, ImageEncoderConfig
-from herd.systems.finetune import STRATEGIES, apply_finetune_strategy, is_decoder_core
+from herd.models.vision import ImageEncoder, ImageEncoderConfig, TanhGate
+from herd.systems.finetune import STRATEGIES, apply_finetune_strategy, decoder_core_parameters
 
 TOKENIZER = load_tokenizer("bytes")
 SPECIAL = TOKENIZER.special_ids
@@ -41,7 +41,7 @@ def tiny_fusion(image=True, speech=True, every=1) -> FusionModel:
         if speech
         else None
     )
-    return FusionModel(
+    return build_fusion_model(
         decoder,
         SPECIAL["<|image|>"],
         SPECIAL["<|speech|>"],
@@ -58,12 +58,19 @@ def batch_of(model: FusionModel, examples: list[Example]) -> dict:
 
 
 def inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("images", "has_image", "audio", "audio_lengths") if k in batch}
+    return {k: batch[k] for k in ("images", "image_mask", "audio", "audio_lengths") if k in batch}
+
+
+def open_gates(model: FusionModel, value: float) -> None:
+    """Set the fusion gates (cross-attention's) to `value`; they start at 0."""
+    for module in model.cross_attention.modules():
+        if isinstance(module, TanhGate):
+            torch.nn.init.constant_(module.gate, value)
 
 
 EXAMPLES = [
-    Example("image", "<|image|>which digit?", "seven", image=torch.rand(1, 16, 16) * 2 - 1),
-    Example("asr", "<|speech|>transcribe.", "one two three four", audio=torch.randn(8000) * 0.1),
+    Example("image", "<|image|>which digit?", "seven", images=(torch.rand(1, 16, 16) * 2 - 1,)),
+    Example("asr", "<|speech|>transcribe.", "one two three four", audio=(torch.randn(8000) * 0.1,)),
     Example("mt", "translate into german: one two three four", "eins zwei drei vier"),
 ]
 
@@ -91,7 +98,7 @@ def test_speech_embeddings_land_exactly_on_the_placeholders():
     embeds = model.embed(tokens, batch["audio"], batch["audio_lengths"])
     plain = model.decoder.embed_tokens(tokens)
     placeholders = tokens == SPECIAL["<|speech|>"]
-    hidden, lengths = model.speech_encoder(batch["audio"][1:2], batch["audio_lengths"][1:2])
+    hidden, lengths = model.speech_encoder(batch["audio"][1:2, 0], batch["audio_lengths"][1:2, 0])
     speech, _ = model.speech_adapter(hidden, lengths)  # [1, L, D]
     torch.testing.assert_close(embeds[placeholders], speech[0])
     assert torch.equal(embeds[~placeholders], plain[~placeholders])  # nothing else moved
@@ -115,12 +122,9 @@ def test_without_media_and_with_zero_gates_the_decoder_alone_is_reproduced():
 
 def test_text_before_the_image_does_not_see_it():
     model = tiny_fusion()
-    for layer in model.decoder.layers:
-        if hasattr(layer, "cross_attn"):
-            torch.nn.init.constant_(layer.cross_attn.gate_attn, 1.0)
-            torch.nn.init.constant_(layer.cross_attn.gate_mlp, 1.0)
+    open_gates(model, 1.0)
     tokens = torch.tensor([[*TOKENIZER.encode("look:"), SPECIAL["<|image|>"], 50, 51]])
-    images = [torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)]
+    images = [torch.rand(1, 1, 1, 16, 16), torch.rand(1, 1, 1, 16, 16)]
     with torch.no_grad():
         a, b = (model(tokens, images=im) for im in images)
     cut = tokens[0].tolist().index(SPECIAL["<|image|>"])
@@ -134,7 +138,8 @@ def test_frozen_parts_stay_put_and_trainable_counts_match(strategy):
     counts = apply_finetune_strategy(model, strategy, top_layers=1, lora={"rank": 2})
     named = dict(model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
-    core = {n for n in named if is_decoder_core(n)}
+    core_ids = {id(p) for p in decoder_core_parameters(model)}
+    core = {n for n, p in named.items() if id(p) in core_ids}
     top_layer = f"decoder.layers.{len(model.decoder.layers) - 1}."
     expected_core = {
         "full": core,
@@ -152,9 +157,7 @@ def test_frozen_parts_stay_put_and_trainable_counts_match(strategy):
     before = {n: p.detach().clone() for n, p in named.items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     # gates at 0 would hide the adapters from the gradient: open them a little
-    for layer in model.decoder.layers:
-        if hasattr(layer, "cross_attn"):
-            torch.nn.init.constant_(layer.cross_attn.gate_attn, 0.5)
+    open_gates(model, 0.5)
     before_gates = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = batch_of(model, EXAMPLES)
     logits = model(batch["input_ids"], **inputs(batch))
@@ -290,3 +293,93 @@ def test_short_real_fusion_run_learns_and_reopens(tmp_path):
     system = load_system(run / "checkpoints" / "last.ckpt")
     assert type(system).__name__ == "FusionSystem"
     assert system.model.image_encoder is not None and system.model.speech_encoder is not None
+
+
+# ----------------------------------------------------------------------------- many media
+
+
+def two_image_tokens() -> torch.Tensor:
+    """text <|image|> text <|image|> text: rows 0-1 see no image, 3-4 the first, 6-7 both."""
+    img = SPECIAL["<|image|>"]
+    return torch.tensor([[40, 41, img, 42, 43, img, 44, 45]])
+
+
+def test_a_text_row_sees_exactly_the_images_before_it():
+    model = tiny_fusion(speech=False)
+    tokens = two_image_tokens()
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    positions = model.image_positions(tokens, mask)
+    assert positions.tolist() == [[2, 5]]
+    media = torch.zeros(1, 2, 3, 64)  # [B, I, N, D]
+    _, sees = model.image_media(positions, mask, media, 0, tokens.shape[1])  # [1, T, I*N]
+    per_image = sees.view(1, 8, 2, 3).all(dim=-1)[0]  # [T, I]
+    expected = [[0, 0], [0, 0], [1, 0], [1, 0], [1, 0], [1, 1], [1, 1], [1, 1]]
+    assert per_image.int().tolist() == expected
+    # a padded image slot is never seen
+    _, sees = model.image_media(positions, torch.tensor([[True, False]]), media, 0, 8)
+    assert not sees.view(1, 8, 2, 3)[0, :, 1].any()
+
+
+def test_earlier_rows_ignore_later_images_and_rows_before_any_equal_the_decoder():
+    model = tiny_fusion(speech=False)
+    open_gates(model, 1.0)
+    tokens = two_image_tokens()
+    first, second, other = (torch.rand(1, 1, 1, 16, 16) for _ in range(3))
+    with torch.no_grad():
+        alone = model.decoder(tokens)
+        a = model(tokens, images=torch.cat([first, second], dim=1))  # [1, 2, C, H, W]
+        b = model(tokens, images=torch.cat([first, other], dim=1))  # only image 2 differs
+        c = model(tokens, images=torch.cat([other, second], dim=1))  # only image 1 differs
+    assert torch.equal(a[:, :2], alone[:, :2])  # before any image: the decoder alone
+    assert torch.equal(a[:, :5], b[:, :5])  # a later image never changes earlier rows
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+    assert not torch.allclose(a[:, 2:5], c[:, 2:5])  # the first image matters from its token
+    assert not torch.allclose(a[:, 5:], c[:, 5:])  # and still after the second (all earlier)
+
+
+def test_padded_images_of_another_sample_change_nothing():
+    model = tiny_fusion(speech=False)
+    open_gates(model, 1.0)
+    one = Example("image", "<|image|>which digit?", "seven", images=(torch.rand(1, 16, 16),))
+    two = Example("image", "<|image|> and <|image|>?", "one", images=(torch.rand(1, 16, 16),) * 2)
+    batch = batch_of(model, [one, two])
+    assert batch["images"].shape[:2] == (2, 2) and batch["image_mask"].tolist() == [
+        [True, False],
+        [True, True],
+    ]
+    alone = batch_of(model, [one])
+    T = alone["input_ids"].shape[1]
+    with torch.no_grad():
+        together = model(batch["input_ids"], **inputs(batch))[:1, :T]
+        single = model(alone["input_ids"], **inputs(alone))
+    torch.testing.assert_close(together, single)
+
+
+def test_several_clips_splice_in_order_and_a_missing_clip_is_an_error():
+    model = tiny_fusion(image=False)
+    clips = (torch.randn(8000) * 0.1, torch.randn(12000) * 0.1)
+    example = Example("asr", "first <|speech|> then <|speech|> end.", "a b", audio=clips)
+    batch = batch_of(model, [example])
+    tokens = batch["input_ids"]
+    assert batch["audio"].shape[:2] == (1, 2) and batch["audio_lengths"].tolist() == [[8000, 12000]]
+    embeds = model.embed(tokens, batch["audio"], batch["audio_lengths"])
+    slots = (tokens[0] == SPECIAL["<|speech|>"]).nonzero().flatten().tolist()
+    n0, n1 = model.speech_tokens(8000), model.speech_tokens(12000)
+    assert len(slots) == n0 + n1 and slots[n0] - slots[n0 - 1] > 1  # two runs, text between
+    expected = []
+    for clip in clips:  # each clip encoded alone
+        hidden, lengths = model.speech_encoder(clip[None], torch.tensor([clip.shape[0]]))
+        speech, _ = model.speech_adapter(hidden, lengths)
+        expected.append(speech[0])
+    torch.testing.assert_close(embeds[0, slots[:n0]], expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(embeds[0, slots[n0:]], expected[1], atol=1e-5, rtol=1e-4)
+    # a prompt with two speech markers but one clip names the mismatch
+    with pytest.raises(ValueError, match="2 <\\|speech\\|> marker\\(s\\) but 1 audio clip"):
+        encode_example(
+            Example("asr", "<|speech|> and <|speech|>", "x", audio=clips[:1]),
+            TOKENIZER,
+            model.speech_tokens,
+        )
+    # and a batch whose clips do not cover its placeholders is refused
+    with pytest.raises(ValueError, match="Speech placeholders per sample"):
+        model.embed(tokens, batch["audio"][:, :1], batch["audio_lengths"][:, :1])

@@ -16,15 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from herd.data.images import ImageDataModule, load_image
 from herd.errors import ConfigError, DataError
-from herd.models.llama import DecoderLayer, Llama, LlamaConfig
-from herd.models.vision import (
-    CrossAttentionDecoderLayer,
-    GatedCrossAttention,
-    ImageEncoder,
-    ImageEncoderConfig,
-    add_vision_adapter,
-    vision_adapter_parameters,
-)
+from herd.models.fusion import build_fusion_model
+from herd.models.llama import Llama, LlamaConfig
+from herd.models.vision import GatedCrossAttention, ImageEncoder, ImageEncoderConfig, TanhGate
 
 from .conftest import compose_cfg, run_cli
 
@@ -112,31 +106,39 @@ def test_vit_h14_flavor_builds_on_the_meta_device(tmp_path):
 # ----------------------------------------------------------------------------- adapter
 
 
+IMAGE_ID = 500  # a token id standing for <|image|> in these tests
+
+
+def with_adapter(llama: Llama, every: int = 4):
+    """The decoder composed with an image encoder and cross-attention (no speech)."""
+    return build_fusion_model(
+        llama, IMAGE_ID, 501, ImageEncoder(TINY_VIT), cross_attention_every=every
+    )
+
+
 def test_untrained_adapter_leaves_logits_bit_identical():
     llama = tiny_llama()
-    encoder = ImageEncoder(TINY_VIT).eval()
-    tokens = torch.randint(0, 512, (2, 12))
-    images = torch.randn(2, 1, 32, 32)
+    tokens = torch.randint(0, 400, (2, 12))
+    tokens[:, 2] = IMAGE_ID  # text from position 2 on sees the image
+    images = torch.randn(2, 1, 1, 32, 32)  # [B, I, C, H, W]
     with torch.no_grad():
         before = llama(tokens)
-        assert add_vision_adapter(llama, every=4) == [3, 7]  # before layers 3, 7 (0-indexed)
-        media = encoder(images)  # [2, 16, 64]
-        mask = torch.ones(2, 16, dtype=torch.bool)
-        mask[1, 8:] = False
-        assert torch.equal(llama(tokens, media=media, media_mask=mask), before)
-        assert torch.equal(llama(tokens, media=media), before)
-        assert torch.equal(llama(tokens), before)
+        fusion = with_adapter(llama).eval()
+        assert fusion.cross_attention_layers == [3, 7]  # before layers 3, 7 (0-indexed)
+        assert torch.equal(fusion(tokens, images=images), before)
+        assert torch.equal(fusion(tokens), before)
         # the media do reach the model once the gates open
-        for layer in (llama.layers[3], llama.layers[7]):
-            layer.cross_attn.gate_attn.fill_(0.5)
-        assert not torch.equal(llama(tokens, media=media), before)
+        for gate in fusion.cross_attention.modules():
+            if isinstance(gate, TanhGate):
+                gate.gate.fill_(0.5)
+        assert not torch.equal(fusion(tokens, images=images), before)
 
 
 def test_text_rows_that_see_no_image_are_unchanged_even_with_open_gates():
     layer = GatedCrossAttention(dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128)
     with torch.no_grad():
-        layer.gate_attn.fill_(1.0)
-        layer.gate_mlp.fill_(1.0)
+        layer.attn_gate.gate.fill_(1.0)
+        layer.mlp_gate.gate.fill_(1.0)
     x, media = torch.randn(2, 5, 64), torch.randn(2, 3, 64)
     mask = torch.ones(2, 5, 3, dtype=torch.bool)  # [B, T, N]: text 0-1 come before the image
     mask[:, :2] = False
@@ -148,59 +150,63 @@ def test_text_rows_that_see_no_image_are_unchanged_even_with_open_gates():
 
 def test_adapter_training_trains_adapter_and_encoder_and_never_the_language_model():
     llama = tiny_llama(n_layers=4)
-    add_vision_adapter(llama, every=2)
-    encoder = ImageEncoder(TINY_VIT)
-    language = {n: p.detach().clone() for n, p in llama.named_parameters() if "cross_attn" not in n}
-    adapter = {n: p.detach().clone() for n, p in llama.named_parameters() if "cross_attn" in n}
-    encoder_before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
-    assert all(not p.requires_grad for n, p in llama.named_parameters() if n in language)
-    assert len(vision_adapter_parameters(llama)) == len(adapter)
+    fusion = with_adapter(llama, every=2)
+    for p in llama.parameters():
+        p.requires_grad_(False)
+    language = {n: p.detach().clone() for n, p in llama.named_parameters()}
+    adapter = {n: p.detach().clone() for n, p in fusion.cross_attention.named_parameters()}
+    encoder_before = {n: p.detach().clone() for n, p in fusion.image_encoder.named_parameters()}
 
-    trainable = vision_adapter_parameters(llama) + list(encoder.parameters())
+    trainable = [p for p in fusion.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    tokens = torch.randint(0, 512, (2, 10))
-    images = torch.randn(2, 1, 32, 32)
+    tokens = torch.randint(0, 400, (2, 10))
+    tokens[:, 0] = IMAGE_ID
+    images = torch.randn(2, 1, 1, 32, 32)
     for _ in range(3):  # step 1 opens the gates; later steps reach everything behind them
         optimizer.zero_grad()
-        logits = llama(tokens[:, :-1], media=encoder(images))
+        logits = fusion(tokens[:, :-1], images=images)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         for name, p in llama.named_parameters():
-            if name in language:
-                assert p.grad is None, f"{name} received a gradient"
+            assert p.grad is None, f"{name} received a gradient"
         optimizer.step()
 
-    params = dict(llama.named_parameters())
-    assert all(torch.equal(params[n], before) for n, before in language.items())
+    assert all(torch.equal(p, language[n]) for n, p in llama.named_parameters())
+    params = dict(fusion.cross_attention.named_parameters())
     unchanged = [n for n, before in adapter.items() if torch.equal(params[n], before)]
     assert not unchanged, f"adapter parameters that did not train: {unchanged}"
+    encoder = fusion.image_encoder
     moved = [n for n, p in encoder.named_parameters() if not torch.equal(p, encoder_before[n])]
     assert len(moved) > 0.9 * len(encoder_before)
     assert any(n.startswith("projection") for n in moved)
     assert any(n.startswith("backbone.blocks") for n in moved)
 
 
-def test_language_checkpoint_loads_into_the_wrapped_model():
-    source = tiny_llama()
-    language_state = source.state_dict()
-    wrapped = tiny_llama()
-    add_vision_adapter(wrapped, every=4)
-    assert isinstance(wrapped.layers[3], CrossAttentionDecoderLayer)
-    assert isinstance(wrapped.layers[3], DecoderLayer)  # still a decoder layer
-    assert type(wrapped.layers[2]) is DecoderLayer
-    result = wrapped.load_state_dict(language_state, strict=False)
-    assert result.unexpected_keys == []
-    assert result.missing_keys and all(".cross_attn." in k for k in result.missing_keys)
-    # strict on the decoder's own keys: exactly the language model's names, same values
-    decoder_state = {k: v for k, v in wrapped.state_dict().items() if ".cross_attn." not in k}
-    assert list(decoder_state) == list(language_state)
-    assert all(torch.equal(decoder_state[k], language_state[k]) for k in language_state)
-    assert "layers.3.self_attn.q_proj.weight" in decoder_state
-    assert "layers.3.cross_attn.q_proj.weight" in wrapped.state_dict()
-    # and the wrapped model (cross-attention included) round-trips strictly
-    again = tiny_llama()
-    add_vision_adapter(again, every=4)
-    again.load_state_dict(wrapped.state_dict(), strict=True)
+def test_composing_leaves_the_language_model_as_it_was():
+    llama = tiny_llama()
+    state = {k: v.clone() for k, v in llama.state_dict().items()}
+    modules = [type(m) for m in llama.modules()]
+    encoder = ImageEncoder(replace_lm_dim(TINY_VIT, 32))  # another width: a new projection
+    projection = encoder.projection
+    fusion = build_fusion_model(llama, IMAGE_ID, 501, encoder, cross_attention_every=4)
+    assert fusion.decoder is llama and fusion.image_encoder is encoder
+    assert [type(m) for m in llama.modules()] == modules  # no layer wrapped or replaced
+    assert list(llama.state_dict()) == list(state)
+    assert all(torch.equal(llama.state_dict()[k], v) for k, v in state.items())
+    assert encoder.projection is projection and encoder.config.lm_dim == 32
+    assert fusion.image_projection.out_features == 64
+    # the stage weights load into the composed model by prefix
+    fused = fusion.state_dict()
+    assert all(torch.equal(fused[f"decoder.{k}"], v) for k, v in state.items())
+    assert (
+        "cross_attention.3.q_proj.weight" in fused and "cross_attention.7.attn_gate.gate" in fused
+    )
+
+
+def replace_lm_dim(cfg: ImageEncoderConfig, lm_dim: int) -> ImageEncoderConfig:
+    from dataclasses import replace
+
+    return replace(cfg, lm_dim=lm_dim)
 
 
 # ----------------------------------------------------------------------------- data

@@ -37,11 +37,12 @@ from herd.data.images import digits_images, stratified_split
 from herd.data.numbers import make_phrases, number_to_english
 from herd.data.packing import IGNORE_INDEX
 from herd.data.passkey import NEEDLE, REPEATED_FILLER
-from herd.data.sampling import length_bucket_train_batches
+from herd.data.sampling import draw_key, length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
 from herd.data.tokenizer import Tokenizer
 from herd.errors import ConfigError, DataError
 from herd.utils.config import plain
+from herd.utils.rng import sample_rng
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,63 @@ PROMPTS = {
 @dataclass
 class Example:
     task: str
-    prompt: str  # may contain IMAGE / SPEECH markers
+    prompt: str  # IMAGE / SPEECH markers: one per image / clip, in order
     answer: str
-    image: torch.Tensor | None = None  # [C, H, W], preprocessed as the image encoder expects
-    audio: torch.Tensor | None = None  # [S] 16 kHz mono waveform
+    images: tuple[torch.Tensor, ...] = ()  # [C, H, W] each, as the image encoder expects
+    audio: tuple[torch.Tensor, ...] = ()  # [S] each, 16 kHz mono waveforms
 
 
 # ----------------------------------------------------------------------------- encoding
+
+
+def prompt_ids(
+    prompt: str,
+    tokenizer: Tokenizer,
+    clip_samples: list[int] | tuple[int, ...] = (),
+    speech_tokens: Callable[[int], int] | None = None,
+    task: str = "sample",
+) -> list[int]:
+    """A prompt with IMAGE / SPEECH markers -> token ids: one `<|image|>` per IMAGE, and the
+    k-th SPEECH becomes `speech_tokens(clip_samples[k])` placeholders (one per speech-adapter
+    output)."""
+    special = tokenizer.special_ids
+    pieces = prompt.split(SPEECH)
+    if len(pieces) - 1 != len(clip_samples):
+        raise ValueError(
+            f"A {task} prompt has {len(pieces) - 1} {SPEECH} marker(s) but "
+            f"{len(clip_samples)} audio clip(s)."
+        )
+    if clip_samples and speech_tokens is None:
+        raise ValueError(f"A {task} prompt has {SPEECH} but the model has no speech encoder.")
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            ids += [special[SPEECH]] * speech_tokens(clip_samples[i - 1])
+        for j, text in enumerate(piece.split(IMAGE)):
+            if j > 0:
+                ids.append(special[IMAGE])
+            ids += tokenizer.encode(text) if text else []
+    return ids
+
+
+def chat_ids(user_ids: list[int], answer: str, tokenizer: Tokenizer) -> dict:
+    """One user turn (already tokenized) and the assistant's answer in the chat format ->
+    {"input_ids", "labels" (next-token targets, answer only), "prompt_len"}."""
+    special = tokenizer.special_ids
+    start, end, eot = special["<|start_header_id|>"], special["<|end_header_id|>"], tokenizer.eot_id
+
+    def header(role: str) -> list[int]:
+        return [start, *tokenizer.encode(role), end, *tokenizer.encode("\n\n")]
+
+    context = [tokenizer.bos_id, *header("user"), *user_ids, eot, *header("assistant")]
+    answer_ids = [*tokenizer.encode(answer), eot]
+    # next-token labels: the last context token predicts the first answer token, ...,
+    # the last answer token predicts <|eot_id|>, and <|eot_id|> itself predicts nothing
+    return {
+        "input_ids": context + answer_ids,
+        "labels": [IGNORE_INDEX] * (len(context) - 1) + answer_ids + [IGNORE_INDEX],
+        "prompt_len": len(context),
+    }
 
 
 def encode_example(
@@ -81,39 +132,16 @@ def encode_example(
     tokenizer: Tokenizer,
     speech_tokens: Callable[[int], int] | None = None,
 ) -> dict:
-    """Example -> {"input_ids", "labels" (next-token targets, answer only), "prompt_len"}
-    in the chat format; `<|speech|>`
-    becomes `speech_tokens(num_samples)` placeholders, one per speech-adapter output."""
-    special = tokenizer.special_ids
-    start, end, eot = special["<|start_header_id|>"], special["<|end_header_id|>"], tokenizer.eot_id
-
-    def header(role: str) -> list[int]:
-        return [start, *tokenizer.encode(role), end, *tokenizer.encode("\n\n")]
-
-    prompt: list[int] = []
-    for i, part in enumerate(example.prompt.split(SPEECH)):
-        if i > 0:
-            if example.audio is None or speech_tokens is None:
-                raise ValueError(f"A {example.task} prompt has {SPEECH} but no audio.")
-            prompt += [special[SPEECH]] * speech_tokens(example.audio.shape[-1])
-        for j, text in enumerate(part.split(IMAGE)):
-            if j > 0:
-                prompt.append(special[IMAGE])
-            prompt += tokenizer.encode(text) if text else []
-    context = [tokenizer.bos_id, *header("user"), *prompt, eot, *header("assistant")]
-    answer = [*tokenizer.encode(example.answer), eot]
-    # next-token labels: the last context token predicts the first answer token, ...,
-    # the last answer token predicts <|eot_id|>, and <|eot_id|> itself predicts nothing
-    return {
-        "input_ids": context + answer,
-        "labels": [IGNORE_INDEX] * (len(context) - 1) + answer + [IGNORE_INDEX],
-        "prompt_len": len(context),
-    }
+    """Example -> {"input_ids", "labels", "prompt_len"} in the chat format."""
+    clips = [a.shape[-1] for a in example.audio]
+    user = prompt_ids(example.prompt, tokenizer, clips, speech_tokens, example.task)
+    return chat_ids(user, example.answer, tokenizer)
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-pad text (pad_id / IGNORE_INDEX) and audio (zeros, with lengths); stack images
-    (zeros where a sample has none, with has_image False)."""
+    """Right-pad text (pad_id / IGNORE_INDEX); stack each sample's images into [B, I, C, H, W]
+    with image_mask [B, I] and its clips into audio [B, K, S] with audio_lengths [B, K]
+    (zeros and 0 where a sample has fewer)."""
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -127,20 +155,29 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         "task": [s["task"] for s in samples],
         "answer": [s["answer"] for s in samples],
     }
-    images = [s["image"] for s in samples if s["image"] is not None]
-    if images:
-        shape = images[0].shape
-        batch["images"] = torch.stack(
-            [s["image"] if s["image"] is not None else torch.zeros(shape) for s in samples]
-        )  # [B, C, H, W]
-        batch["has_image"] = torch.tensor([s["image"] is not None for s in samples])
-    if any(s["audio"] is not None for s in samples):
-        lengths = torch.tensor([0 if s["audio"] is None else s["audio"].shape[-1] for s in samples])
-        audio = torch.zeros(B, int(lengths.max()))
+    extra = {k for s in samples for k in s} - {"input_ids", "labels", "prompt_len", "images"}
+    for key in sorted(extra - {"task", "answer", "audio"}):  # e.g. evidence_distance
+        batch[key] = [s.get(key) for s in samples]
+    n_images = max(len(s["images"]) for s in samples)
+    if n_images:
+        shape = next(im.shape for s in samples for im in s["images"])
+        images = torch.zeros(B, n_images, *shape)
+        image_mask = torch.zeros(B, n_images, dtype=torch.bool)
         for b, s in enumerate(samples):
-            if s["audio"] is not None:
-                audio[b, : lengths[b]] = s["audio"]
-        batch["audio"], batch["audio_lengths"] = audio, lengths  # [B, S], [B]
+            for i, image in enumerate(s["images"]):
+                images[b, i], image_mask[b, i] = image, True
+        batch["images"], batch["image_mask"] = images, image_mask  # [B, I, C, H, W], [B, I]
+    K = max(len(s["audio"]) for s in samples)
+    if K:
+        lengths = torch.zeros(B, K, dtype=torch.long)
+        for b, s in enumerate(samples):
+            for k, clip in enumerate(s["audio"]):
+                lengths[b, k] = clip.shape[-1]
+        audio = torch.zeros(B, K, int(lengths.max()))
+        for b, s in enumerate(samples):
+            for k, clip in enumerate(s["audio"]):
+                audio[b, k, : lengths[b, k]] = clip
+        batch["audio"], batch["audio_lengths"] = audio, lengths  # [B, K, S], [B, K]
     return batch
 
 
@@ -158,21 +195,24 @@ class ExampleDataset(Dataset):
         seed: int = 0,
     ):
         self.examples, self.tokenizer, self.speech_tokens = examples, tokenizer, speech_tokens
-        self.speed_factors, self.rng = tuple(speed_factors), random.Random(seed)
+        self.speed_factors, self.seed = tuple(speed_factors), seed
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
-        if ex.audio is not None and self.speed_factors:
-            ex = replace(ex, audio=speed_perturb(ex.audio, self.rng.choice(self.speed_factors)))
+        if ex.audio and self.speed_factors:
+            # drawn from (seed, the sample's place in the training stream): resumes exactly
+            rng = sample_rng(self.seed, draw_key(i))
+            clips = tuple(speed_perturb(a, rng.choice(self.speed_factors)) for a in ex.audio)
+            ex = replace(ex, audio=clips)
         return {
             **encode_example(ex, self.tokenizer, self.speech_tokens),
             "task": ex.task,
             "answer": ex.answer,
-            "image": ex.image,
-            "audio": ex.audio,
+            "images": list(ex.images),
+            "audio": list(ex.audio),
         }
 
 
@@ -236,7 +276,10 @@ def image_examples(split: str, image_size: int, channels: int, seed: int) -> lis
     index = stratified_split(labels, 0.15, 0.15, seed)[split]
     return [
         Example(
-            "image", PROMPTS["image"], number_to_english(labels[i]), image=images[i] / 127.5 - 1.0
+            "image",
+            PROMPTS["image"],
+            number_to_english(labels[i]),
+            images=(images[i] / 127.5 - 1.0,),
         )
         for i in index
     ]
@@ -256,7 +299,7 @@ def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[
             answers = {"asr": entry["text"], "st": entry["german"]}
         except (ValueError, OSError, RuntimeError, KeyError) as exc:
             raise DataError(f"{manifest}, line {lineno}: {exc}.") from exc
-        out += [Example(t, PROMPTS[t], answers[t], audio=audio) for t in tasks]
+        out += [Example(t, PROMPTS[t], answers[t], audio=(audio,)) for t in tasks]
     return out
 
 

@@ -1,24 +1,36 @@
 """The composed multimodal model: the Llama decoder, seeing images through gated
 cross-attention and hearing speech through embeddings spliced into its input.
 
-    tokens [B, T] with <|image|> and runs of <|speech|> placeholders
-    images [B, C, H, W] -> ImageEncoder -> media [B, N, D]
-        -> cross-attention layers before every k-th decoder layer; text from the
-           <|image|> token on sees the image, text before it does not
-    audio [B, S] -> SpeechEncoder -> SpeechAdapter -> speech [B, L, D], one per 80 ms
-        -> replaces the embeddings of the <|speech|> placeholders, in order
+    tokens [B, T] with one <|image|> per image and one run of <|speech|> per clip
+    images [B, I, C, H, W] (image_mask [B, I]) -> ImageEncoder -> media [B, I, N, D]
+        -> cross-attention layers before every k-th decoder layer; a text token sees every
+           image whose <|image|> placeholder comes at or before it (see image_media)
+    audio [B, K, S] (audio_lengths [B, K]) -> SpeechEncoder -> SpeechAdapter
+        -> speech [clips, L, D], one per 80 ms; clip k's embeddings replace the k-th run of
+           <|speech|> placeholders of its sample, in order
     -> decoder -> hidden [B, T, D] -> logits [B, T, V]
 
+`build_fusion_model` composes it from the stage models without modifying any of them: the
+cross-attention layers sit beside the decoder (`cross_attention.{i}`, run before decoder
+layer i through `Llama.hidden_states(before_layers=...)`), and when the decoder is wider or
+narrower than the vision stage projected to, a new `image_projection` maps the encoder's
+multi-layer features into it. What fusion adds is `fusion_modules()`: the parts that are
+new (cross-attention with its TanhGate modules, the image projection, the speech adapter).
+
 Either encoder may be absent. A sample with no image and no audio computes exactly what
-the decoder alone computes while the cross-attention gates are 0 (and afterwards too: its
-text rows see no image). Parameter names stay those of the parts (`decoder.layers.3.
-self_attn.q_proj.weight`, `decoder.layers.3.cross_attn.*`, `image_encoder.*`,
-`speech_encoder.*`, `speech_adapter.*`), so each stage's weights load into it by prefix.
+the decoder alone computes, with any gates (its text rows see no image). Parameter names
+keep those of the parts (`decoder.*`, `image_encoder.*`, `speech_encoder.*`), so each
+stage's weights load into it by prefix.
+
+Which images a token sees: herd lets a text token attend to *all* images placed before
+it, since a question at the end of a document may be about any earlier figure. Llama 3.2
+Vision (Mllama) instead lets a token see only the most recent group of consecutive
+images. Both agree for a sample with one image.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -26,52 +38,49 @@ from torch import nn
 from herd.errors import ConfigError
 from herd.models.llama import Llama, sample_next_token
 from herd.models.speech import SpeechAdapter, SpeechAdapterConfig, SpeechEncoder
-from herd.models.vision import ImageEncoder, add_vision_adapter
+from herd.models.vision import GatedCrossAttention, ImageEncoder, cross_attention_layer_ids
 
 
 class FusionModel(nn.Module):
+    """The parts, composed; build one with `build_fusion_model`."""
+
     def __init__(
         self,
         decoder: Llama,
         image_token_id: int,
         speech_token_id: int,
         image_encoder: ImageEncoder | None = None,
+        image_projection: nn.Linear | None = None,  # None: the encoder's own projection
+        cross_attention: nn.ModuleDict | None = None,  # {"i": GatedCrossAttention}
         speech_encoder: SpeechEncoder | None = None,
-        cross_attention_every: int = 4,
-        speech_adapter: dict | None = None,  # SpeechAdapterConfig fields besides the widths
-        speech_augment: nn.Module | None = None,  # on the log-mels, e.g. SpecAugment
+        speech_adapter: SpeechAdapter | None = None,
+        speech_augment: nn.Module | None = None,  # on the log-mels in training (SpecAugment)
     ):
         super().__init__()
-        dim = decoder.config.dim
+        if (image_encoder is None) != (cross_attention is None):
+            raise ConfigError("An image encoder needs cross-attention layers, and vice versa.")
+        if (speech_encoder is None) != (speech_adapter is None):
+            raise ConfigError("A speech encoder needs a speech adapter, and vice versa.")
         self.decoder = decoder
         self.image_token_id, self.speech_token_id = image_token_id, speech_token_id
         self.image_encoder = image_encoder
-        self.cross_attention_layers: list[int] = []
-        if image_encoder is not None:
-            if image_encoder.config.lm_dim != dim:
-                # The vision stage projected to its own width; the fusion stage learns a new
-                # projection into this decoder (the multi-layer features are what carry over).
-                image_encoder.projection = nn.Linear(image_encoder.feature_dim, dim)
-                image_encoder.config = replace(image_encoder.config, lm_dim=dim)
-            self.cross_attention_layers = add_vision_adapter(
-                decoder, every=cross_attention_every, freeze_language_model=False
-            )
+        self.image_projection = image_projection
+        self.cross_attention = cross_attention
         self.speech_encoder = speech_encoder
-        self.speech_adapter = None
-        # training-time augmentation between the encoder's front end and its Conformer (a
-        # module that is the identity in eval mode)
-        self.speech_augment = speech_augment or nn.Identity()
-        if speech_encoder is not None:
-            adapter_cfg = SpeechAdapterConfig(
-                **{
-                    **(speech_adapter or {}),
-                    "encoder_dim": speech_encoder.config.dim,
-                    "lm_dim": dim,
-                }
-            )
-            self.speech_adapter = SpeechAdapter(adapter_cfg)
+        self.speech_adapter = speech_adapter
+        self.speech_augment = speech_augment or nn.Identity()  # the identity in eval mode
 
-    # -- inputs ----------------------------------------------------------------------------
+    @property
+    def cross_attention_layers(self) -> list[int]:
+        return sorted(int(i) for i in self.cross_attention or {})
+
+    def fusion_modules(self) -> list[nn.Module]:
+        """What composing added to the stage models (what the `adapter` strategy trains
+        besides the encoders)."""
+        parts = [self.cross_attention, self.image_projection, self.speech_adapter]
+        return [m for m in parts if m is not None]
+
+    # -- speech ----------------------------------------------------------------------------
 
     def speech_tokens(self, num_samples: int) -> int:
         """Placeholders a clip of `num_samples` samples needs: one per adapter output."""
@@ -84,8 +93,8 @@ class FusionModel(nn.Module):
     def embed(
         self,
         tokens: torch.Tensor,  # [B, T]
-        audio: torch.Tensor | None = None,  # [B, S]
-        audio_lengths: torch.Tensor | None = None,  # [B], 0 for a sample without audio
+        audio: torch.Tensor | None = None,  # [B, K, S]
+        audio_lengths: torch.Tensor | None = None,  # [B, K], 0 where a sample has no clip k
     ) -> torch.Tensor:
         """Token embeddings [B, T, D] with the speech placeholders replaced by speech."""
         embeds = self.decoder.embed_tokens(tokens)  # [B, T, D]
@@ -94,74 +103,111 @@ class FusionModel(nn.Module):
             return embeds
         if self.speech_encoder is None:
             raise ConfigError("A sample has speech but this fusion model has no speech encoder.")
-        has_audio = audio_lengths > 0
-        features, frame_lengths = self.speech_encoder.features(
-            audio[has_audio], audio_lengths[has_audio]
-        )  # [B', F, n_mels]
+        real_clip = audio_lengths > 0  # [B, K]
+        clips, clip_lengths = audio[real_clip], audio_lengths[real_clip]  # [M, S], [M]
+        clips = clips[:, : int(clip_lengths.max())]
+        features, frame_lengths = self.speech_encoder.features(clips, clip_lengths)
         hidden, lengths = self.speech_encoder.encode(self.speech_augment(features), frame_lengths)
-        speech, lengths = self.speech_adapter(hidden, lengths)  # [B', L, D], [B']
-        real = torch.arange(speech.shape[1], device=tokens.device)[None] < lengths[:, None]
-        wanted, given = placeholders.sum(dim=1)[has_audio], lengths
+        speech, lengths = self.speech_adapter(hidden, lengths)  # [M, L, D], [M]
+        # clips are in (sample, clip) order, as are the placeholder runs: row-major on both
+        per_sample = torch.zeros_like(audio_lengths)  # [B, K]
+        per_sample[real_clip] = lengths
+        wanted, given = placeholders.sum(dim=1), per_sample.sum(dim=1)  # [B]
         if not torch.equal(wanted, given):
             raise ValueError(
-                f"Speech placeholders per sample {wanted.tolist()} != speech embeddings "
-                f"{given.tolist()}; build prompts with FusionModel.speech_tokens()."
+                f"Speech placeholders per sample {wanted.tolist()} != speech embeddings of "
+                f"their clips {given.tolist()}; build prompts with FusionModel.speech_tokens()."
             )
+        real = torch.arange(speech.shape[1], device=tokens.device)[None] < lengths[:, None]
         embeds = embeds.clone()
-        embeds[placeholders] = speech[real].to(embeds.dtype)  # row-major order on both sides
+        embeds[placeholders] = speech[real].to(embeds.dtype)
         return embeds
 
-    def image_media(
-        self,
-        tokens: torch.Tensor,  # [B, T]
-        media: torch.Tensor | None,  # [B, N, D]: the image encoder's output
-        has_image: torch.Tensor | None = None,  # [B] bool (None: every sample has one)
-        position_offset: int = 0,  # absolute position of tokens[:, 0] (cached decoding)
-        image_position: torch.Tensor | None = None,  # [B], when <|image|> is not in tokens
-    ) -> dict:
-        """{"media": [B, N, D], "media_mask": [B, T, N]} for the decoder ({} without media).
-        Text at and after a sample's first <|image|> token sees its image."""
-        if media is None:
-            return {}
-        B, T = tokens.shape
-        if image_position is None:
-            image_position = first_position(tokens, self.image_token_id)  # [B] (T if none)
-        positions = torch.arange(T, device=tokens.device) + position_offset  # [T]
-        sees = positions[None, :] >= image_position[:, None]  # [B, T]
-        if has_image is not None:
-            sees = sees & has_image[:, None]
-        return {"media": media, "media_mask": sees[:, :, None].expand(B, T, media.shape[1])}
+    # -- images ----------------------------------------------------------------------------
 
     def encode_images(
-        self, images: torch.Tensor | None, has_image: torch.Tensor | None = None
+        self,
+        images: torch.Tensor | None,  # [B, I, C, H, W]
+        image_mask: torch.Tensor | None = None,  # [B, I] bool (None: all real)
     ) -> torch.Tensor | None:
-        """images [B, C, H, W] -> media [B, N, D]; rows without an image are not encoded
-        (their media stay zero and no text row attends to them)."""
+        """-> media [B, I, N, D]; only real images are encoded (padding stays zero and no
+        text row attends to it)."""
         if images is None:
             return None
         if self.image_encoder is None:
             raise ConfigError("A sample has an image but this fusion model has no image encoder.")
-        if has_image is None or bool(has_image.all()):
-            return self.image_encoder(images)  # [B, N, D]
-        encoded = self.image_encoder(images[has_image])  # [B', N, D]
-        media = encoded.new_zeros(images.shape[0], *encoded.shape[1:])
-        media[has_image] = encoded
+        if image_mask is None:
+            image_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
+        encoded = self.image_encoder(images[image_mask], self.image_projection)  # [M, N, D]
+        media = encoded.new_zeros(*images.shape[:2], *encoded.shape[1:])
+        media[image_mask] = encoded
         return media
+
+    def image_media(
+        self,
+        image_positions: torch.Tensor,  # [B, I]: each image's <|image|> position (T: none)
+        image_mask: torch.Tensor,  # [B, I] bool
+        media: torch.Tensor,  # [B, I, N, D]
+        start: int,  # absolute position of the first text token (cached decoding)
+        length: int,  # text tokens in this call
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(media [B, I*N, D], mask [B, T, I*N]): token t sees image i when i is real and its
+        placeholder sits at or before t."""
+        B, n_images, N, D = media.shape  # n_images is I in the shape comments
+        positions = torch.arange(start, start + length, device=media.device)  # [T]
+        sees = positions[None, :, None] >= image_positions[:, None, :]  # [B, T, I]
+        sees = sees & image_mask[:, None, :]
+        mask = sees[..., None].expand(B, length, n_images, N).reshape(B, length, n_images * N)
+        return media.reshape(B, n_images * N, D), mask
+
+    def image_positions(self, tokens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] tokens, [B, I] mask -> [B, I] positions of each sample's <|image|>
+        placeholders in order (T for padding), checking one placeholder per real image."""
+        B, T = tokens.shape
+        hits = tokens == self.image_token_id  # [B, T]
+        counts, wanted = hits.sum(dim=1), image_mask.sum(dim=1)
+        if not torch.equal(counts, wanted):
+            raise ValueError(
+                f"<|image|> placeholders per sample {counts.tolist()} != images "
+                f"{wanted.tolist()}; put one placeholder where each image belongs."
+            )
+        index = torch.arange(T, device=tokens.device).expand(B, T)
+        ordered = torch.where(hits, index, T).sort(dim=1).values  # [B, T]: hits first
+        positions = torch.full_like(image_mask, T, dtype=torch.long)  # [B, I]
+        rank = image_mask.cumsum(dim=1) - 1  # the k-th real image takes the k-th placeholder
+        gathered = ordered.gather(1, rank.clamp(min=0))  # [B, I]
+        return torch.where(image_mask, gathered, positions)
+
+    def _before_layers(self, media_and_mask: tuple | None) -> dict:
+        if media_and_mask is None:
+            return {}
+        media, mask = media_and_mask
+        return {
+            int(i): partial(layer, media=media, media_mask=mask)
+            for i, layer in self.cross_attention.items()
+        }
 
     # -- forward ---------------------------------------------------------------------------
 
     def hidden_states(
         self,
         tokens: torch.Tensor,  # [B, T]
-        images: torch.Tensor | None = None,  # [B, C, H, W]
-        has_image: torch.Tensor | None = None,  # [B] bool
-        audio: torch.Tensor | None = None,  # [B, S]
-        audio_lengths: torch.Tensor | None = None,  # [B]
+        images: torch.Tensor | None = None,  # [B, I, C, H, W]
+        image_mask: torch.Tensor | None = None,  # [B, I] bool
+        audio: torch.Tensor | None = None,  # [B, K, S]
+        audio_lengths: torch.Tensor | None = None,  # [B, K]
     ) -> torch.Tensor:  # [B, T, D]
+        media_and_mask = None
+        if images is not None:
+            if image_mask is None:
+                image_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
+            media = self.encode_images(images, image_mask)
+            positions = self.image_positions(tokens, image_mask)
+            media_and_mask = self.image_media(positions, image_mask, media, 0, tokens.shape[1])
         return self.decoder.hidden_states(
             tokens,
             inputs_embeds=self.embed(tokens, audio, audio_lengths),
-            **self.image_media(tokens, self.encode_images(images, has_image), has_image),
+            before_layers=self._before_layers(media_and_mask),
         )
 
     def forward(self, tokens: torch.Tensor, **inputs) -> torch.Tensor:  # -> logits [B, T, V]
@@ -173,25 +219,37 @@ class FusionModel(nn.Module):
         prompt: torch.Tensor,  # [1, T0]
         max_new_tokens: int,
         stop_ids: tuple[int, ...] = (),
-        images: torch.Tensor | None = None,  # [1, C, H, W]
-        audio: torch.Tensor | None = None,  # [1, S]
+        images: torch.Tensor | None = None,  # [1, I, C, H, W]
+        audio: torch.Tensor | None = None,  # [1, K, S]
+        audio_lengths: torch.Tensor | None = None,  # [1, K]
         temperature: float = 0.0,
     ) -> list[int]:
         """Greedy (or sampled) continuation of one prompt with a KV cache; returns the new
         token ids, without the stop token."""
         decoder, T0 = self.decoder, prompt.shape[1]
         total = min(T0 + max_new_tokens, decoder.config.max_seq_len)
-        audio_lengths = None if audio is None else torch.tensor([audio.shape[-1]])
-        media = self.encode_images(images)
-        image_position = first_position(prompt, self.image_token_id)  # [1]
+        if audio is not None and audio_lengths is None:
+            audio_lengths = torch.full(audio.shape[:2], audio.shape[-1], device=prompt.device)
+        media = positions = image_mask = None
+        if images is not None:
+            image_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=prompt.device)
+            media = self.encode_images(images, image_mask)
+            positions = self.image_positions(prompt, image_mask)  # [1, I]
         tokens, embeds, start = prompt, self.embed(prompt, audio, audio_lengths), 0
         out: list[int] = []
         decoder.setup_cache(1, total)
         try:
             for _ in range(total - T0):
-                extra = self.image_media(tokens, media, None, start, image_position)
+                media_and_mask = None
+                if media is not None:
+                    media_and_mask = self.image_media(
+                        positions, image_mask, media, start, tokens.shape[1]
+                    )
                 hidden = decoder.hidden_states(
-                    tokens, cache_start=start, inputs_embeds=embeds, **extra
+                    tokens,
+                    cache_start=start,
+                    inputs_embeds=embeds,
+                    before_layers=self._before_layers(media_and_mask),
                 )  # [1, T, D]
                 nxt = int(sample_next_token(decoder.lm_head(hidden[:, -1]), temperature)[0])
                 start += tokens.shape[1]
@@ -204,12 +262,55 @@ class FusionModel(nn.Module):
         return out
 
 
-def first_position(tokens: torch.Tensor, token_id: int) -> torch.Tensor:
-    """[B, T] -> [B]: index of the first `token_id` in each row (T where there is none)."""
-    B, T = tokens.shape
-    hits = tokens == token_id
-    index = torch.arange(T, device=tokens.device).expand(B, T)
-    return torch.where(hits, index, torch.full_like(index, T)).min(dim=1).values
+def build_fusion_model(
+    decoder: Llama,
+    image_token_id: int,
+    speech_token_id: int,
+    image_encoder: ImageEncoder | None = None,
+    speech_encoder: SpeechEncoder | None = None,
+    cross_attention_every: int = 4,
+    speech_adapter: dict | None = None,  # SpeechAdapterConfig fields besides the widths
+    speech_augment: nn.Module | None = None,
+) -> FusionModel:
+    """Compose the stage models and the new fusion parts. The given modules are used as
+    they are (not copied, never modified): the cross-attention layers, an image projection
+    (only when the decoder's width differs from the one the encoder projects to) and the
+    speech adapter are created here, initialised so that the result computes what the
+    decoder alone computes (gates at 0)."""
+    cfg, dim = decoder.config, decoder.config.dim
+    weight = decoder.embed_tokens.weight
+    image_projection = cross_attention = None
+    if image_encoder is not None:
+        if image_encoder.config.lm_dim != dim:
+            # the vision stage projected to its own width; the multi-layer features carry
+            # over and a new projection learns to map them into this decoder
+            image_projection = nn.Linear(image_encoder.feature_dim, dim)
+        layers = cross_attention_layer_ids(cfg.n_layers, cross_attention_every)
+        cross_attention = nn.ModuleDict(
+            {
+                str(i): GatedCrossAttention(
+                    dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, dim, cfg.norm_eps
+                )
+                for i in layers
+            }
+        ).to(device=weight.device, dtype=weight.dtype)
+    adapter = None
+    if speech_encoder is not None:
+        adapter_cfg = SpeechAdapterConfig(
+            **{**(speech_adapter or {}), "encoder_dim": speech_encoder.config.dim, "lm_dim": dim}
+        )
+        adapter = SpeechAdapter(adapter_cfg)
+    return FusionModel(
+        decoder,
+        image_token_id,
+        speech_token_id,
+        image_encoder=image_encoder,
+        image_projection=image_projection,
+        cross_attention=cross_attention,
+        speech_encoder=speech_encoder,
+        speech_adapter=adapter,
+        speech_augment=speech_augment,
+    )
 
 
-__all__ = ["FusionModel", "first_position"]
+__all__ = ["FusionModel", "build_fusion_model"]

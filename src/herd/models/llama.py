@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -502,13 +503,13 @@ class Llama(nn.Module):
         cache_start: int
         | None = None,  # absolute position of tokens[:, 0] when decoding with a cache
         inputs_embeds: torch.Tensor | None = None,  # [B, T, D] instead of embedding `tokens`
-        media: torch.Tensor | None = None,  # [B, N, D] image tokens for cross-attention layers
-        media_mask: torch.Tensor | None = None,  # [B, N] or [B, T, N] bool, True = may attend
+        before_layers: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]; the loss is computed from these in chunks.
 
-        media/media_mask reach only layers with `takes_media` (the cross-attention layers of
-        herd.models.vision.add_vision_adapter); plain decoder layers never see them."""
+        `before_layers` {i: f} applies f to the hidden states [B, T, D] in front of decoder
+        layer i: how a fusion model runs its cross-attention layers without the decoder
+        holding them (herd.models.fusion)."""
         B, T = tokens.shape
         limit = self.config.max_seq_len
         if (cache_start or 0) + T > limit:
@@ -541,12 +542,11 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq)  # [B, T, Hd] each
 
         x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds  # [B, T, D]
-        media_kwargs = {} if media is None else {"media": media, "media_mask": media_mask}
-        for layer in self.layers:
-            if media_kwargs and getattr(layer, "takes_media", False):
-                x = layer(x, cos, sin, mask, cache_start, **media_kwargs)
-            else:
-                x = layer(x, cos, sin, mask, cache_start)
+        before_layers = before_layers or {}
+        for i, layer in enumerate(self.layers):
+            if i in before_layers:
+                x = before_layers[i](x)
+            x = layer(x, cos, sin, mask, cache_start)
         return self.norm(x)  # [B, T, D]
 
     def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:

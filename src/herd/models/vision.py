@@ -11,21 +11,21 @@
     media [B, N, D] -> GatedCrossAttention before every k-th decoder layer of the language
     model: x = x + tanh(g_attn) * CrossAttn(x, media);  x = x + tanh(g_mlp) * MLP(x)
 
-Both gates start at 0, so an untrained adapter leaves the language model's outputs exactly
-unchanged (bit for bit). `add_vision_adapter` wraps decoder layers in place and keeps every
-parameter name of the language model (new ones live under `layers.{i}.cross_attn.*`), so a
-language checkpoint loads into the wrapped model unchanged.
+Both gates (TanhGate modules) start at 0, so an untrained adapter leaves the language
+model's outputs exactly unchanged (bit for bit). The cross-attention layers are not put
+inside the decoder: herd.models.fusion.build_fusion_model holds them beside it and runs
+each before its decoder layer, so the language model is never modified.
 
 Plain single-device PyTorch: no Lightning, no Hydra. Shape legend: B batch, C channels,
 H x W image size, h x w token grid, N = h * w image tokens, T text tokens, D language
 model width, F concatenated feature width, H/K query/key-value heads, Hd head dim.
 
-Usage (the fusion stage):
+Usage (the fusion stage, see herd.models.fusion):
 
     encoder = ImageEncoder(ImageEncoderConfig(backbone="vit_tiny_patch16_224", lm_dim=256))
-    wrapped = add_vision_adapter(llama, every=4)      # [3, 7, ...]; freezes the LM
     media = encoder(images)                            # [B, N, D]
-    logits = llama(tokens, media=media, media_mask=media_mask)   # [B, T, V]
+    cross = GatedCrossAttention(256, n_heads=4, n_kv_heads=2, ffn_dim=768)
+    x = cross(x, media, media_mask)                    # [B, T, D], before decoder layer i
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.errors import ConfigError
-from herd.models.llama import DecoderLayer, FeedForward, Llama, RMSNorm
+from herd.models.llama import FeedForward, RMSNorm
 
 # ----------------------------------------------------------------------------- config
 
@@ -107,6 +107,19 @@ class ImageEncoderConfig:
 # ----------------------------------------------------------------------------- encoder
 
 
+class TanhGate(nn.Module):
+    """x -> tanh(g) * x for one learned scalar g, initialised to 0: the branch it gates
+    adds nothing until training opens it. A module of its own, so that the gates can be
+    found (and given their own learning rate) by type rather than by parameter name."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate.tanh() * x
+
+
 class GatedSelfAttentionBlock(nn.Module):
     """Pre-norm Transformer block whose two residual branches are scaled by tanh(gate);
     gates start at 0, so a new block is the identity and grows in as it learns."""
@@ -120,8 +133,7 @@ class GatedSelfAttentionBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.gate_attn = nn.Parameter(torch.zeros(()))
-        self.gate_mlp = nn.Parameter(torch.zeros(()))
+        self.attn_gate, self.mlp_gate = TanhGate(), TanhGate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, N, C]
         B, N, C = x.shape
@@ -129,8 +141,8 @@ class GatedSelfAttentionBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, C/heads]
         attn = F.scaled_dot_product_attention(q, k, v)  # image tokens see each other: no mask
         attn = attn.transpose(1, 2).reshape(B, N, C)
-        x = x + self.gate_attn.tanh() * self.out_proj(attn)
-        return x + self.gate_mlp.tanh() * self.mlp(self.mlp_norm(x))
+        x = x + self.attn_gate(self.out_proj(attn))
+        return x + self.mlp_gate(self.mlp(self.mlp_norm(x)))
 
 
 class ImageEncoder(nn.Module):
@@ -223,8 +235,12 @@ class ImageEncoder(nn.Module):
             final_tokens = layer(final_tokens)
         return torch.cat([*(to_tokens(m) for m in maps), final_tokens], dim=-1)  # [B, N, F]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, N, lm_dim]
-        return self.projection(self.norm(self.features(images)))
+    def forward(
+        self, images: torch.Tensor, projection: nn.Linear | None = None
+    ) -> torch.Tensor:  # [B, C, H, W] -> [B, N, lm_dim] (or projection's width)
+        """`projection` replaces the encoder's own (the fusion model's, into a decoder of
+        another width than the vision stage projected to)."""
+        return (projection or self.projection)(self.norm(self.features(images)))
 
 
 def _create_backbone(cfg: ImageEncoderConfig) -> nn.Module:
@@ -253,6 +269,14 @@ def _feature_channels(backbone: nn.Module) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- adapter
+
+
+def cross_attention_layer_ids(n_layers: int, every: int) -> list[int]:
+    """The decoder layers a cross-attention layer runs before: every-1, 2*every-1, ...
+    (every=4 on 32 layers: 3, 7, ..., 31, as in the Llama 3 paper)."""
+    if every <= 0:
+        raise ConfigError(f"cross-attention every={every}: must be a positive number of layers.")
+    return list(range(every - 1, n_layers, every))
 
 
 class GatedCrossAttention(nn.Module):
@@ -290,8 +314,7 @@ class GatedCrossAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, norm_eps)
         self.post_attention_layernorm = RMSNorm(dim, norm_eps)
         self.mlp = FeedForward(dim, ffn_dim)
-        self.gate_attn = nn.Parameter(torch.zeros(()))
-        self.gate_mlp = nn.Parameter(torch.zeros(()))
+        self.attn_gate, self.mlp_gate = TanhGate(), TanhGate()
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -300,8 +323,8 @@ class GatedCrossAttention(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        nn.init.zeros_(self.gate_attn)
-        nn.init.zeros_(self.gate_mlp)
+        nn.init.zeros_(self.attn_gate.gate)
+        nn.init.zeros_(self.mlp_gate.gate)
 
     def forward(
         self,
@@ -333,83 +356,18 @@ class GatedCrossAttention(nn.Module):
         attn = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if sees_media is not None:
             attn = attn * sees_media  # [B, T, D]
-        x = x + self.gate_attn.tanh() * attn
+        x = x + self.attn_gate(attn)
         mlp = self.mlp(self.post_attention_layernorm(x))
         if sees_media is not None:
             mlp = mlp * sees_media
-        return x + self.gate_mlp.tanh() * mlp  # [B, T, D]
-
-
-class CrossAttentionDecoderLayer(DecoderLayer):
-    """A decoder layer with gated cross-attention to the media in front of it.
-
-    Built from an existing DecoderLayer whose submodules it re-registers under the same
-    names (input_layernorm, self_attn, post_attention_layernorm, mlp), so its parameters
-    keep their names; the adapter's parameters live under `cross_attn.`. Without media it
-    computes exactly what the wrapped layer computes.
-    """
-
-    takes_media = True  # Llama passes media/media_mask only to layers that say so
-
-    def __init__(self, layer: DecoderLayer, cross_attn: GatedCrossAttention):
-        nn.Module.__init__(self)  # DecoderLayer.__init__ would build fresh weights
-        for name, child in layer.named_children():
-            self.add_module(name, child)
-        self.cross_attn = cross_attn
-
-    def forward(self, x, cos, sin, mask, cache_start=None, media=None, media_mask=None):
-        if media is not None:
-            x = self.cross_attn(x, media, media_mask)  # [B, T, D]
-        return super().forward(x, cos, sin, mask, cache_start)
-
-
-def add_vision_adapter(
-    llama: Llama,
-    every: int = 4,
-    media_dim: int | None = None,
-    freeze_language_model: bool = True,
-) -> list[int]:
-    """Insert gated cross-attention before decoder layers every-1, 2*every-1, ... (every=4 on
-    32 layers: 3, 7, ..., 31), in place. Returns the wrapped layer indices.
-
-    The cross-attention takes its shape from the model's config (heads, KV heads, FFN width);
-    media_dim is the width of the image tokens (default: the model width, what ImageEncoder
-    projects to). With freeze_language_model, every parameter of the language model gets
-    requires_grad=False and only `*.cross_attn.*` parameters train. Idempotent: layers that
-    already have cross-attention are left as they are.
-
-    Afterwards call `llama(tokens, media=media, media_mask=mask)` (or hidden_states(...)).
-    """
-    if every <= 0:
-        raise ConfigError(f"cross-attention every={every}: must be a positive number of layers.")
-    cfg = llama.config
-    if freeze_language_model:
-        for p in llama.parameters():
-            p.requires_grad_(False)
-    wrapped = []
-    for i in range(every - 1, len(llama.layers), every):
-        layer = llama.layers[i]
-        if not isinstance(layer, CrossAttentionDecoderLayer):
-            weight = layer.self_attn.q_proj.weight
-            cross_attn = GatedCrossAttention(
-                cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, media_dim, cfg.norm_eps
-            ).to(device=weight.device, dtype=weight.dtype)
-            llama.layers[i] = CrossAttentionDecoderLayer(layer, cross_attn)
-        wrapped.append(i)
-    return wrapped
-
-
-def vision_adapter_parameters(llama: Llama) -> list[nn.Parameter]:
-    """The cross-attention parameters that add_vision_adapter added (what trains)."""
-    return [p for name, p in llama.named_parameters() if ".cross_attn." in name]
+        return x + self.mlp_gate(mlp)  # [B, T, D]
 
 
 __all__ = [
-    "CrossAttentionDecoderLayer",
     "GatedCrossAttention",
     "GatedSelfAttentionBlock",
     "ImageEncoder",
     "ImageEncoderConfig",
-    "add_vision_adapter",
-    "vision_adapter_parameters",
+    "TanhGate",
+    "cross_attention_layer_ids",
 ]

@@ -6,8 +6,9 @@
     lora     decoder frozen, rank-r LoRA on its attention and MLP projections trains;
              encoders and adapters train (merge with herd.models.lora.merge_lora to export)
 
-"Adapters" are the cross-attention layers inside the decoder (`*.cross_attn.*`) and the
-speech adapter.
+"Adapters" are what composing added (`FusionModel.fusion_modules()`: the cross-attention
+layers, an image projection, the speech adapter); the decoder's core is the decoder's own
+parameters, LoRA matrices excluded. Both are found by module, never by parameter name.
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ from torch import nn
 
 from herd.errors import ConfigError
 from herd.models.fusion import FusionModel
-from herd.models.lora import add_lora
+from herd.models.lora import LoRALinear, add_lora
 
 STRATEGIES = ("full", "partial", "adapter", "lora")
 
 
-def is_decoder_core(name: str) -> bool:
-    """A parameter of the language model itself (not an adapter inside it, not LoRA)."""
-    return name.startswith("decoder.") and ".cross_attn." not in name and ".lora_" not in name
+def decoder_core_parameters(model: FusionModel) -> list[nn.Parameter]:
+    """The language model's own parameters (not LoRA matrices added to its projections)."""
+    lora = {
+        id(p)
+        for m in model.decoder.modules()
+        if isinstance(m, LoRALinear)
+        for p in (m.lora_a, m.lora_b)
+    }
+    return [p for p in model.decoder.parameters() if id(p) not in lora]
 
 
 def apply_finetune_strategy(
@@ -47,15 +54,15 @@ def apply_finetune_strategy(
             add_lora(layer.self_attn, **(lora or {}))
             add_lora(layer.mlp, **(lora or {}))
 
-    top = {f"decoder.layers.{i}." for i in range(len(layers) - top_layers, len(layers))}
-    for name, p in model.named_parameters():
-        if not is_decoder_core(name) or strategy == "full":
-            trains = True  # encoders, adapters and LoRA matrices train under every strategy
-        elif strategy == "partial":
-            trains = name.startswith("decoder.norm.") or any(name.startswith(t) for t in top)
-        else:  # adapter, lora: the language model itself is frozen
-            trains = False
-        p.requires_grad_(trains)
+    for p in model.parameters():  # encoders, adapters and LoRA matrices train under all
+        p.requires_grad_(True)
+    if strategy != "full":
+        for p in decoder_core_parameters(model):
+            p.requires_grad_(False)
+    if strategy == "partial":
+        for module in [*layers[len(layers) - top_layers :], model.decoder.norm]:
+            for p in module.parameters():
+                p.requires_grad_(True)
     return parameter_counts(model)
 
 

@@ -3,7 +3,9 @@ measures every task through the language model's own generated answers."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,10 +16,10 @@ from herd.data.audio import SpecAugment
 from herd.data.multimodal import TASK_METRIC, TASKS
 from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
-from herd.models.fusion import FusionModel
+from herd.models.fusion import build_fusion_model
 from herd.models.llama import Llama
 from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
-from herd.models.vision import ImageEncoder, ImageEncoderConfig
+from herd.models.vision import ImageEncoder, ImageEncoderConfig, TanhGate
 from herd.systems.common import HerdSystem, load_system
 from herd.systems.finetune import apply_finetune_strategy
 from herd.systems.language import llama_config, with_context
@@ -112,7 +114,7 @@ class FusionSystem(HerdSystem):
                 speech_encoder = SpeechEncoder(SpeechEncoderConfig(**(speech.get("encoder") or {})))
 
         special = self.tokenizer.special_ids
-        self.model = FusionModel(
+        self.model = build_fusion_model(
             decoder,
             image_token_id=special["<|image|>"],
             speech_token_id=special["<|speech|>"],
@@ -146,20 +148,21 @@ class FusionSystem(HerdSystem):
             }
 
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
-        self.task_metrics = nn.ModuleDict({s: self._task_metrics() for s in ("val", "test")})
+        # {split: {logged name: metric}}, built in setup() from the data's tasks
+        self.task_metrics = nn.ModuleDict({s: nn.ModuleDict() for s in ("val", "test")})
         self.predictions: dict[str, list[dict]] = {"val": [], "test": []}
 
-    @staticmethod
-    def _task_metrics() -> nn.ModuleDict:
-        return nn.ModuleDict(
-            {
-                "top1": MeanMetric(),
-                "wer": WordErrorRate(),
-                "bleu_st": SacreBLEUScore(tokenize="13a"),
-                "bleu_mt": SacreBLEUScore(tokenize="13a"),
-                "passkey_acc": MeanMetric(),
-            }
-        )
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        task_metric = getattr(datamodule, "task_metric", TASK_METRIC)
+        far = getattr(datamodule, "evidence_far_tokens", None)
+        suffixes = ("", "_near", "_far") if far else ("",)
+        for split in ("val", "test"):
+            metrics = self.task_metrics[split]
+            for name in sorted(set(task_metric.values())):
+                for suffix in suffixes:
+                    if name + suffix not in metrics:
+                        metrics[name + suffix] = _metric(name)
 
     def data_requirements(self) -> tuple:
         """(tokenizer, speech placeholder count, image size, image channels) for the data."""
@@ -171,18 +174,19 @@ class FusionSystem(HerdSystem):
         return self.tokenizer, speech_tokens, size, channels
 
     def on_fit_start(self) -> None:
+        counts = {f"model/{k}_params": float(v) for k, v in self.parameter_counts.items()}
+        # how much of the documents the context cuts (review documents), in TensorBoard too
+        truncation = getattr(self.trainer.datamodule, "truncation_metrics", None)
+        counts.update(truncation() if truncation else {})
         for logger in self.loggers:
             if hasattr(logger, "log_metrics"):
-                logger.log_metrics(
-                    {f"model/{k}_params": float(v) for k, v in self.parameter_counts.items()},
-                    step=0,
-                )
+                logger.log_metrics(counts, step=0)
 
     # -- steps ------------------------------------------------------------------------------
 
     def _inputs(self, batch: dict) -> dict:
         return {
-            k: batch[k] for k in ("images", "has_image", "audio", "audio_lengths") if k in batch
+            k: batch[k] for k in ("images", "image_mask", "audio", "audio_lengths") if k in batch
         }
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,59 +209,75 @@ class FusionSystem(HerdSystem):
     def answer(self, batch: dict, b: int) -> str:
         """Generate the answer of sample `b` of a batch from its prompt."""
         prompt = batch["input_ids"][b : b + 1, : int(batch["prompt_len"][b])]
-        images = None
-        if "images" in batch and bool(batch["has_image"][b]):
-            images = batch["images"][b : b + 1]
-        audio = None
-        if "audio" in batch and int(batch["audio_lengths"][b]) > 0:
-            audio = batch["audio"][b : b + 1, : int(batch["audio_lengths"][b])]
+        images = audio = lengths = None
+        if "images" in batch and bool(batch["image_mask"][b].any()):
+            images = batch["images"][b : b + 1, batch["image_mask"][b]]  # [1, I, C, H, W]
+        if "audio" in batch and bool(batch["audio_lengths"][b].any()):
+            lengths = batch["audio_lengths"][b : b + 1]  # [1, K]
+            audio = batch["audio"][b : b + 1, :, : int(lengths.max())]  # [1, K, S]
         ids = self.model.generate(
             prompt,
             self.hparams.max_new_tokens,
             stop_ids=(self.tokenizer.eot_id, self.tokenizer.eos_id),
             images=images,
             audio=audio,
+            audio_lengths=lengths,
         )
         return self.tokenizer.decode(ids).strip()
 
     def _eval_step(self, batch: dict, split: str) -> None:
         loss, n_tokens = self.loss(batch)
         self.eval_loss[split].update(loss, weight=n_tokens)
+        datamodule = self.trainer.datamodule
+        task_metric = getattr(datamodule, "task_metric", TASK_METRIC)
+        far = getattr(datamodule, "evidence_far_tokens", None)
+        distances = batch.get("evidence_distance")
         metrics = self.task_metrics[split]
         for b, task in enumerate(batch["task"]):
             prediction, reference = self.answer(batch, b), batch["answer"][b]
-            name = TASK_METRIC[task]
-            if name in ("top1", "passkey_acc"):
-                metrics[name].update(float(prediction == reference))
-            elif name == "wer":
-                metrics[name].update([prediction], [reference])
-            else:
-                metrics[name].update([prediction], [[reference]])
-            if sum(p["task"] == task for p in self.predictions[split]) < 4:
+            name = task_metric[task]
+            names = [name]
+            if far and distances is not None:
+                names.append(name + ("_far" if distances[b] > far else "_near"))
+            for key in names:
+                _update(metrics[key], name, prediction, reference)
+            record = {"task": task, "prediction": prediction, "reference": reference}
+            for key in ("evidence_distance", "evidence_lost"):
+                if key in batch:
+                    record[key] = batch[key][b]
+            if split == "test" or sum(p["task"] == task for p in self.predictions[split]) < 4:
+                first_image = first_clip = None
+                if "images" in batch and bool(batch["image_mask"][b].any()):
+                    first_image = batch["images"][b, 0].cpu()
+                if "audio" in batch and int(batch["audio_lengths"][b, 0]) > 0:
+                    first_clip = batch["audio"][b, 0, : int(batch["audio_lengths"][b, 0])].cpu()
                 self.predictions[split].append(
-                    {
-                        "task": task,
-                        "prediction": prediction,
-                        "reference": reference,
-                        "image": batch["images"][b].cpu() if task == "image" else None,
-                        "audio": batch["audio"][b, : int(batch["audio_lengths"][b])].cpu()
-                        if task in ("asr", "st")
-                        else None,
-                    }
+                    {**record, "image": first_image, "audio": first_clip}
                 )
 
     def _log_eval(self, split: str) -> None:
         self.log(f"{split}/loss", self.eval_loss[split].compute(), prog_bar=split == "val")
         self.eval_loss[split].reset()
-        seen = {TASK_METRIC[p["task"]] for p in self.predictions[split]}
         for name, metric in self.task_metrics[split].items():
-            if name in seen:
+            if metric.update_called:
                 value = metric.compute()
-                # BLEU and accuracies in percent-free [0, 1] from torchmetrics; report BLEU x100
+                # torchmetrics' BLEU is in [0, 1]; report it x100 as sacreBLEU does
                 if name.startswith("bleu"):
                     value = value * 100
                 self.log(f"{split}/{name}", value, prog_bar=split == "val" and name == "top1")
             metric.reset()
+        if split == "test" and self.trainer.is_global_zero:
+            self._write_predictions(split)
+
+    def _write_predictions(self, split: str) -> None:
+        """Every test answer as one JSON line (test_predictions.jsonl in the run directory),
+        for the per-distance analysis of herd-report."""
+        root = Path(self.trainer.default_root_dir)
+        if not root.is_dir():
+            return
+        keys = ("task", "prediction", "reference", "evidence_distance", "evidence_lost")
+        lines = [json.dumps({k: p[k] for k in keys if k in p}) for p in self.predictions[split]]
+        (root / f"{split}_predictions.jsonl").write_text("\n".join(lines) + "\n")
 
     def on_validation_epoch_start(self) -> None:
         self.predictions["val"] = []
@@ -267,11 +287,34 @@ class FusionSystem(HerdSystem):
 
     def lr_multipliers(self) -> dict[str, float]:
         hp = self.hparams
+        gates = {  # the fusion gates (found by type); the encoders' own gates go with them
+            f"model.{name}.gate": hp.gate_lr_multiplier
+            for name, module in self.model.named_modules()
+            if isinstance(module, TanhGate) and name.startswith("cross_attention.")
+        }
         return {
-            "*.cross_attn.gate_*": hp.gate_lr_multiplier,
+            **gates,
             "model.image_encoder.*": hp.encoder_lr_multiplier,
             "model.speech_encoder.*": hp.encoder_lr_multiplier,
         }
+
+
+def _metric(name: str):
+    """The torchmetrics object that scores answers for `name` (top1, wer, bleu*, *_acc)."""
+    if name == "wer":
+        return WordErrorRate()
+    if name.startswith("bleu"):
+        return SacreBLEUScore(tokenize="13a")
+    return MeanMetric()  # exact-match accuracy
+
+
+def _update(metric, name: str, prediction: str, reference: str) -> None:
+    if name == "wer":
+        metric.update([prediction], [reference])
+    elif name.startswith("bleu"):
+        metric.update([prediction], [[reference]])
+    else:
+        metric.update(float(prediction == reference))
 
 
 __all__ = ["TASKS", "FusionSystem"]
