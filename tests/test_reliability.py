@@ -4,6 +4,7 @@ steps, and checkpoints that do not fit the run."""
 from __future__ import annotations
 
 import errno
+import os
 import signal
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from herd.errors import ConfigError
 from herd.train import resume_checkpoint, train
 from herd.utils.checkpoint_io import CheckpointWriteError, atomic_torch_save
 
-from .conftest import FAST, compose_cfg, run_cli
+from .conftest import FAST, REPO, compose_cfg, run_cli
+from .helpers.crash import herd_train_command, kill_at_random_after_checkpoint
+from .test_bad_inputs import TINY_VISION
+from .test_fusion import TINY_FUSION
+from .test_speech import SMALL_ENCODER
 
 SMALL_RUN = [
     *FAST,
@@ -101,6 +106,73 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_losses(tmp_path):
     # pydoc packs into hundreds of rows, so the kill at step 10 is mid-epoch; steps 9..16
     # come from the resumed process
     assert got == expected
+
+
+# Every stage with its random draws on: augmentation and dropout (vision), speed perturbation
+# in 2 DataLoader workers and SpecAugment (speech), speed perturbation and the fused model's
+# generation at validation (fusion). Checkpoints every 4 steps; a sanity check on resume.
+EVERY_4_STEPS = [
+    "trainer.max_steps=14",
+    "trainer.val_check_interval=4",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.model_summary=null",
+    "test=false",
+]
+STAGES = {
+    "vision": [
+        *TINY_VISION,
+        "data.batch_size=16",
+        "++model.encoder.backbone_kwargs.proj_drop_rate=0.2",
+    ],
+    "speech": [
+        "experiment=speech_digits",
+        *(f"model.encoder.{k}={v}" for k, v in SMALL_ENCODER.items()),
+        "model.encoder.dropout=0.1",
+        "data.batch_size=4",
+        "data.num_workers=2",
+    ],
+    "fusion": [*(o for o in TINY_FUSION if not o.startswith("trainer.")), "data.batch_size=4"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_sigkill_from_outside_then_auto_resume_gives_the_same_losses(stage, tmp_path):
+    args = [*STAGES[stage], *EVERY_4_STEPS]
+    logs = tmp_path / "logs"
+    # the uninterrupted run in this process (a fresh process gives the same numbers: see
+    # test_sweeps' reproduction test); the crashed and resumed ones as a user runs them
+    train(compose_cfg("train", [*args, *recorder(tmp_path / "straight.txt")], logs / "straight"))
+
+    run_dir = tmp_path / "crashed"
+    env = {**os.environ, "HERD_LOG_DIR": str(logs), "PYTHONWARNINGS": "ignore"}
+    command = herd_train_command(
+        *args, *recorder(tmp_path / "crashed.txt"), f"hydra.run.dir={run_dir}"
+    )
+    killed_at = kill_at_random_after_checkpoint(
+        command, env, REPO, tmp_path / "crashed.txt", after=4, before=14
+    )
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+    resumed = run_cli(
+        "herd.train",
+        *args,
+        *recorder(tmp_path / "resumed.txt"),
+        "auto_resume=true",
+        f"hydra.run.dir={run_dir}",
+        log_dir=logs,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = recorded_losses(tmp_path / "straight.txt")
+    before = recorded_losses(tmp_path / "crashed.txt")
+    after = recorded_losses(tmp_path / "resumed.txt")
+    assert min(after) == saved + 1  # it resumed from the checkpoint, not from scratch
+    got = {**before, **after}
+    assert sorted(got) == sorted(expected) == list(range(1, 15))
+    worst = max(abs(got[s] - expected[s]) for s in expected)
+    assert got == expected, f"{stage}: killed after step {killed_at}, max |diff| {worst}"
 
 
 @pytest.mark.slow

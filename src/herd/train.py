@@ -15,14 +15,17 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from herd.callbacks.resume import ExactResume
 from herd.errors import ConfigError
 from herd.systems.common import read_checkpoint_header
 from herd.utils.cli import report_errors
 from herd.utils.ddp_launch import DDP_LAUNCH_ENV, end_ddp_job, use_job_dir_for_ddp_children
-from herd.utils.preflight import check_context, check_hardware
+from herd.utils.preflight import check_context, check_hardware, check_settings
 from herd.utils.run import (
     final_metrics,
+    finished_metrics,
     log_hparams,
+    mark_finished,
     peak_memory_gb,
     provenance_of,
     reset_peak_memory,
@@ -91,15 +94,24 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    check_settings(cfg)
     check_hardware(cfg)
     check_context(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.train and cfg.get("auto_resume") and cfg.get("ckpt_path") is None:
+        done = finished_metrics(output_dir, cfg)
+        if done is not None:  # a finished job is never touched again (not even its log)
+            print(f"herd: {output_dir} finished earlier with these settings; kept.", flush=True)
+            return done
     ckpt_path = resume_checkpoint(cfg) if cfg.train else cfg.get("ckpt_path")
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
     system = hydra.utils.instantiate(cfg.model, _recursive_=False)
     system.provenance = provenance_of(cfg)
-    callbacks = instantiate_all(cfg.get("callbacks"))
+    # first, so that its restore precedes any other callback's draw in a training batch
+    exact_resume = ExactResume()
+    callbacks = [exact_resume, *instantiate_all(cfg.get("callbacks"))]
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
@@ -108,7 +120,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if ckpt_path:
             log.info("Resuming from %s", ckpt_path)
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    fit_metrics = dict(trainer.callback_metrics)
+    # a run resumed after its last step trains nothing: its checkpoint has the fit metrics
+    fit_metrics = {**exact_resume.restored_metrics, **trainer.callback_metrics}
 
     test_metrics = {}
     if cfg.test:
@@ -124,9 +137,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     memory = {"perf/peak_memory_gb": peak_memory_gb(trainer.strategy.root_device)}
     metrics = final_metrics(fit_metrics, test_metrics, references, memory)
     if trainer.is_global_zero and not trainer.fast_dev_run:
-        output_dir = Path(cfg.paths.output_dir)
-        write_metrics_json(output_dir, metrics)
         log_hparams(trainer.loggers, cfg, metrics, step=trainer.global_step)
+        # last, in this order: a run counts as finished once both exist (see finished_metrics)
+        write_metrics_json(output_dir, metrics)
+        if cfg.train:
+            mark_finished(output_dir, cfg)
         summary = ", ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in ("val", "test")
         )

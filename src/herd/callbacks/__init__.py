@@ -2,6 +2,7 @@ from herd.callbacks.context import ContextSchedule
 from herd.callbacks.fusion import FusionSamples
 from herd.callbacks.nonfinite import NonFiniteGuard
 from herd.callbacks.passkey import PasskeyRetrieval
+from herd.callbacks.resume import ExactResume
 from herd.callbacks.samples import TextSamples
 from herd.callbacks.speech import SpeechSamples
 from herd.callbacks.throughput import TokenThroughput
@@ -10,6 +11,7 @@ from herd.callbacks.vision import ConfusionMatrix, ImagePredictions, ImageThroug
 __all__ = [
     "ConfusionMatrix",
     "ContextSchedule",
+    "ExactResume",
     "FusionSamples",
     "ImagePredictions",
     "ImageThroughput",

@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from herd.data.manifest import read_jsonl_manifest
-from herd.data.sampling import resumable_train_sampler
+from herd.data.sampling import draw_key, resumable_train_sampler
 from herd.errors import ConfigError, DataError
 from herd.utils.config import plain
+from herd.utils.rng import sample_seed, seeded_torch
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +150,13 @@ def load_entries(
 
 
 class ImageDataset(Dataset):
-    """uint8 images [N, C, S, S] + labels [N] -> {"image": float [C, S, S] in [-1, 1], "label"}."""
+    """uint8 images [N, C, S, S] + labels [N] -> {"image": float [C, S, S] in [-1, 1], "label"}.
+    The transform's random draws are seeded by (seed, the sample's place in the training
+    stream), so they are the same after a resume and in any DataLoader worker."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None, seed: int = 0):
         self.images, self.labels, self.transform = images, labels, transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -160,7 +164,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image = self.images[index]  # [C, S, S] uint8
         if self.transform is not None:
-            image = self.transform(image)  # geometric augmentations on uint8: fill stays 0
+            # torchvision draws from torch's global generator: seed it for this sample alone
+            with seeded_torch(sample_seed(self.seed, draw_key(index))):
+                image = self.transform(image)  # geometric augmentations on uint8: fill stays 0
         image = image.float() / 127.5 - 1.0  # [-1, 1]
         return {"image": image, "label": self.labels[index]}
 
@@ -321,7 +327,9 @@ class ImageDataModule(L.LightningDataModule):
         for name, index in splits.items():
             index = torch.from_numpy(index)
             transform = self.augmentation if name == "train" else None
-            self.datasets[name] = ImageDataset(images[index], label_tensor[index], transform)
+            self.datasets[name] = ImageDataset(
+                images[index], label_tensor[index], transform, hp.seed
+            )
         if len(self.datasets["train"]) < hp.batch_size:
             raise ConfigError(
                 f"The training split holds {len(self.datasets['train'])} images, fewer than "

@@ -1,5 +1,8 @@
 """A training-order sampler whose position is a function of the step alone, so a run
-killed anywhere (mid-epoch included) resumes on exactly the batches it would have seen."""
+killed anywhere (mid-epoch included) resumes on exactly the batches it would have seen.
+
+The samplers yield `Draw`s: dataset indices that also carry their place in the training
+stream, from which a dataset seeds its per-sample randomness (herd.utils.rng.sample_rng)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,28 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
+
+
+class Draw(int):
+    """A dataset index (it is the int) with `key`, its place in the training stream over all
+    ranks: per-sample randomness seeded by (seed, key) is the same in any worker, with any
+    number of workers, and after a resume, and differs between passes over the data."""
+
+    key: int
+
+    def __new__(cls, index: int, key: int) -> Draw:
+        draw = super().__new__(cls, index)
+        draw.key = key
+        return draw
+
+    def __reduce__(self):  # DataLoader workers receive their indices pickled
+        return (Draw, (int(self), self.key))
+
+
+def draw_key(index: int) -> int:
+    """The randomness key of a dataset index: its stream place for a Draw, else the index
+    (a plain loader, e.g. samples for TensorBoard, gets a fixed draw per item)."""
+    return getattr(index, "key", index)
 
 
 class ResumableShuffleSampler(Sampler[int]):
@@ -36,7 +61,7 @@ class ResumableShuffleSampler(Sampler[int]):
         epoch, offset = divmod(position, self.size)
         order = self._permutation(epoch)
         while True:
-            yield int(order[offset])
+            yield Draw(int(order[offset]), epoch * self.size + offset)
             offset += self.world_size
             while offset >= self.size:
                 offset -= self.size
@@ -107,7 +132,8 @@ class LengthBucketBatches(Sampler[list[int]]):
         if epoch:
             batches = self.batches_of_pass(epoch)
         while True:
-            yield batches[offset]
+            first = (epoch * len(batches) + offset) * self.batch_size
+            yield [Draw(index, first + j) for j, index in enumerate(batches[offset])]
             offset += self.world_size
             while offset >= len(batches):
                 offset -= len(batches)

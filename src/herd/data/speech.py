@@ -15,7 +15,6 @@ is skipped and counted in a warning.
 
 from __future__ import annotations
 
-import random
 import re
 import zlib
 from collections import Counter
@@ -30,8 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from herd.data.audio import SAMPLE_RATE, audio_duration, read_audio, speed_perturb
 from herd.data.manifest import read_jsonl_manifest
-from herd.data.sampling import length_bucket_train_batches
+from herd.data.sampling import draw_key, length_bucket_train_batches
 from herd.errors import ConfigError
+from herd.utils.rng import sample_rng
 
 DIGITS_MANIFEST = Path(__file__).resolve().parents[1] / "assets" / "speech" / "manifest.jsonl"
 SOURCES = ("digits", "manifest")
@@ -129,7 +129,9 @@ def split_of(clip: Clip, val_fraction: float, test_fraction: float) -> str:
 
 
 class ClipDataset(Dataset):
-    """Clips -> {"waveform", "targets", "text"}; training copies can be speed-perturbed."""
+    """Clips -> {"waveform", "targets", "text"}; training copies can be speed-perturbed, at a
+    factor drawn from (seed, the sample's place in the training stream): the same after a
+    resume and in any DataLoader worker."""
 
     def __init__(
         self,
@@ -140,7 +142,7 @@ class ClipDataset(Dataset):
     ):
         self.clips, self.vocabulary = clips, vocabulary
         self.speed_factors = tuple(speed_factors)
-        self.rng = random.Random(seed)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -149,7 +151,8 @@ class ClipDataset(Dataset):
         clip = self.clips[i]
         waveform = clip.waveform
         if self.speed_factors:
-            waveform = speed_perturb(waveform, self.rng.choice(self.speed_factors))
+            factor = sample_rng(self.seed, draw_key(i)).choice(self.speed_factors)
+            waveform = speed_perturb(waveform, factor)
         return {
             "waveform": waveform,
             "targets": torch.tensor(self.vocabulary.encode(clip.text), dtype=torch.long),

@@ -7,6 +7,10 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from herd.errors import HerdError
 
@@ -19,6 +23,30 @@ def _herd_error(exc: BaseException | None) -> HerdError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _path_error(exc: BaseException | None) -> OSError | None:
+    """An operating-system error about a file or directory (it names the path), however
+    deeply wrapped."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.filename is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def path_message(exc: OSError) -> str:
+    """`PATH: reason` in one line, e.g. `/data/logs: Permission denied`."""
+    reason = exc.strerror or type(exc).__name__
+    other = f" -> {exc.filename2}" if exc.filename2 else ""
+    return f"{exc.filename}{other}: {reason}; check that the path exists and is writable."
+
+
+def _fail(message: str):
+    print(f"herd: error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 class _DropAdverts(logging.Filter):
@@ -43,10 +71,36 @@ def report_errors(task):
         try:
             return task(*args, **kwargs)
         except Exception as exc:
-            error = _herd_error(exc)
-            if error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print(f"herd: error: {error}", file=sys.stderr)
-            sys.exit(1)
+            error = _herd_error(exc)
+            if error is not None:
+                _fail(str(error))
+            os_error = _path_error(exc)
+            if os_error is None:
+                raise
+            _fail(path_message(os_error))
 
     return wrapper
+
+
+class RunDirectories(Callback):
+    """Hydra callback: create the run (or sweep) directory before Hydra does, so a log
+    directory that cannot be created is one line naming it, not Hydra's traceback."""
+
+    def _make(self, path: str, what: str) -> None:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            _fail(
+                f"cannot create the {what} {path} ({exc.strerror or exc}); set HERD_LOG_DIR "
+                f"(or hydra.{what.split()[0]}.dir) to a writable directory."
+            )
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._make(config.hydra.run.dir, "run directory")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._make(config.hydra.sweep.dir, "sweep directory")

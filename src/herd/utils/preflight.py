@@ -4,9 +4,11 @@ on this machine stops here with one sentence naming the option and what to use i
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from herd.errors import ConfigError
 
@@ -71,3 +73,91 @@ def check_context(cfg: DictConfig) -> None:
             f"data.seq_len={data_len} is longer than the model's max_seq_len={model_len}; "
             "set the length once with context= instead of overriding either."
         )
+
+
+# Numeric settings by their last key: (test, what the value must be). Checked wherever they
+# sit under data., model., trainer. and callbacks., so a new data module or model inherits
+# the check by naming its settings alike.
+def _whole(low: int):
+    return lambda v: float(v).is_integer() and v >= low
+
+
+NUMERIC_RULES: dict[str, tuple] = {
+    **dict.fromkeys(
+        (
+            "batch_size",
+            "seq_len",
+            "max_seq_len",
+            "image_size",
+            "num_classes",
+            "train_size",
+            "log_every_n_steps",
+            "accumulate_grad_batches",
+            "num_nodes",
+            "max_skipped",
+        ),
+        (_whole(1), "a whole number of at least 1"),
+    ),
+    **dict.fromkeys(
+        ("num_workers", "warmup_steps", "passkey_docs", "passkey_train"),
+        (_whole(0), "a whole number of at least 0"),
+    ),
+    **dict.fromkeys(
+        ("max_steps", "max_epochs"),
+        (lambda v: v == -1 or _whole(1)(v), "a whole number of at least 1, or -1 for no limit"),
+    ),
+    "val_check_interval": (
+        lambda v: v > 0 and (float(v).is_integer() or v <= 1),
+        "a number of steps (at least 1) or a fraction of an epoch in (0, 1]",
+    ),
+    **dict.fromkeys(
+        ("limit_train_batches", "limit_val_batches", "limit_test_batches"),
+        (
+            lambda v: v >= 0 and (float(v).is_integer() or v <= 1),
+            "a number of batches (at least 0) or a fraction in [0, 1]",
+        ),
+    ),
+    **dict.fromkeys(
+        ("lr", "max_seconds"),
+        (lambda v: v > 0, "a number greater than 0"),
+    ),
+    **dict.fromkeys(
+        ("weight_decay", "gradient_clip_val"),
+        (lambda v: v >= 0, "a number of at least 0"),
+    ),
+    **dict.fromkeys(
+        ("val_fraction", "test_fraction", "min_lr_ratio", "dropout", "attn_dropout"),
+        (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    ),
+}
+NUMERIC_SECTIONS = ("data", "model", "trainer", "callbacks")
+
+
+def _leaves(node: DictConfig | ListConfig, prefix: str):
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        try:
+            value = node[key]
+        except OmegaConfBaseException:  # missing (???) or unresolvable: reported where used
+            continue
+        if isinstance(value, DictConfig | ListConfig):
+            yield from _leaves(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Sizes, rates, step counts and fractions, checked before any work: a bad value stops
+    the run with one sentence naming the setting, not a traceback from deep inside."""
+    for section in NUMERIC_SECTIONS:
+        node = cfg.get(section)
+        if not isinstance(node, DictConfig):
+            continue
+        for path, value in _leaves(node, section):
+            rule = NUMERIC_RULES.get(path.rsplit(".", 1)[-1])
+            if rule is None or value is None:
+                continue
+            test, wanted = rule
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or not test(value):
+                raise ConfigError(f"{path}={value!r} is not valid: it must be {wanted}.")

@@ -15,10 +15,18 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from herd.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Config subtrees whose values become HParams columns (with the chosen group options).
 HPARAM_SECTIONS = ("model", "data", "trainer", "seed")
+# Written after metrics.json as a run's last act: the settings of the run that finished.
+FINISHED = "finished.json"
+# What makes two runs the same job (a rerun with these equal is skipped when finished);
+# the progress bar and the model summary change no result.
+JOB_SECTIONS = ("model", "data", "trainer", "seed", "train", "test")
+COSMETIC = {"trainer.enable_progress_bar", "trainer.enable_model_summary"}
 
 
 def final_metrics(*metric_dicts) -> dict[str, float]:
@@ -64,6 +72,56 @@ def write_metrics_json(output_dir: str | Path, metrics: dict[str, float]) -> Pat
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)  # atomic: a reader never sees half a file
     return path
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def job_settings(cfg: DictConfig) -> dict:
+    """The resolved settings that identify a job, flat {dotted key: value}."""
+    plain = {}
+    for key in JOB_SECTIONS:
+        value = cfg.get(key)
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
+        plain[key] = value
+    return {k: v for k, v in _flat(plain).items() if k not in COSMETIC}
+
+
+def mark_finished(output_dir: str | Path, cfg: DictConfig) -> None:
+    """Record that the run in output_dir finished (call after metrics.json is written)."""
+    path = Path(output_dir) / FINISHED
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"settings": job_settings(cfg)}, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def finished_metrics(output_dir: str | Path, cfg: DictConfig) -> dict[str, float] | None:
+    """The final metrics of a run that already finished in output_dir with cfg's settings,
+    or None when none did. A finished run of other settings is refused, naming them: a
+    rerun must neither skip it nor overwrite it."""
+    output_dir = Path(output_dir)
+    marker, metrics = output_dir / FINISHED, output_dir / "metrics.json"
+    if not (marker.is_file() and metrics.is_file()):
+        return None
+    before = json.loads(marker.read_text()).get("settings", {})
+    now = job_settings(cfg)
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if differ:
+        listed = ", ".join(f"{k}={before.get(k)!r} there vs {now.get(k)!r}" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise ConfigError(
+            f"{output_dir} holds a run that finished with other settings: {listed}{more}; "
+            "use another hydra.run.dir / hydra.sweep.dir, or continue that run's training "
+            "with ckpt_path=last."
+        )
+    return json.loads(metrics.read_text())
 
 
 @cache
