@@ -299,25 +299,35 @@ def test_short_real_fusion_run_learns_and_reopens(tmp_path):
 
 
 def two_image_tokens() -> torch.Tensor:
-    """text <|image|> text <|image|> text: rows 0-1 see no image, 3-4 the first, 6-7 both."""
+    """text <|image|> text <|image|> text: rows 0-1 see no image, 2-4 the first, 5-7 the
+    second (as Llama 3.2 Vision: the most recent image)."""
     img = SPECIAL["<|image|>"]
     return torch.tensor([[40, 41, img, 42, 43, img, 44, 45]])
 
 
-def test_a_text_row_sees_exactly_the_images_before_it():
+def seen_images(model, tokens, image_mask) -> list[list[int]]:
+    """[T][I] 0/1: which images each text row of one sample may attend to."""
+    spans = model.image_spans(tokens, image_mask)
+    media = torch.zeros(1, image_mask.shape[1], 3, 64)  # [B, I, N, D]
+    _, sees = model.image_media(spans, image_mask, media, 0, tokens.shape[1])  # [1, T, I*N]
+    return sees.view(tokens.shape[1], image_mask.shape[1], 3).all(dim=-1).int().tolist()
+
+
+def test_a_text_row_sees_the_most_recent_image_as_mllama_does():
     model = tiny_fusion(speech=False)
     tokens = two_image_tokens()
-    mask = torch.ones(1, 2, dtype=torch.bool)
-    positions = model.image_positions(tokens, mask)
-    assert positions.tolist() == [[2, 5]]
-    media = torch.zeros(1, 2, 3, 64)  # [B, I, N, D]
-    _, sees = model.image_media(positions, mask, media, 0, tokens.shape[1])  # [1, T, I*N]
-    per_image = sees.view(1, 8, 2, 3).all(dim=-1)[0]  # [T, I]
-    expected = [[0, 0], [0, 0], [1, 0], [1, 0], [1, 0], [1, 1], [1, 1], [1, 1]]
-    assert per_image.int().tolist() == expected
-    # a padded image slot is never seen
-    _, sees = model.image_media(positions, torch.tensor([[True, False]]), media, 0, 8)
-    assert not sees.view(1, 8, 2, 3)[0, :, 1].any()
+    both = torch.ones(1, 2, dtype=torch.bool)
+    expected = [[0, 0], [0, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 1]]
+    assert seen_images(model, tokens, both) == expected
+    # consecutive placeholders form one group: the text after them sees both
+    img = SPECIAL["<|image|>"]
+    grouped = torch.tensor([[40, img, img, 42, 43]])
+    assert seen_images(model, grouped, both) == [[0, 0], [1, 0], [1, 1], [1, 1], [1, 1]]
+    # a padding slot (image_mask False) is never seen; the real image takes the placeholder
+    one = torch.tensor([[40, img, 42]])
+    assert seen_images(model, one, torch.tensor([[True, False]])) == [[0, 0], [1, 0], [1, 0]]
+    with pytest.raises(ValueError, match="placeholders per sample \\[2\\] != images \\[1\\]"):
+        model.image_spans(tokens, torch.tensor([[True, False]]))
 
 
 def test_earlier_rows_ignore_later_images_and_rows_before_any_equal_the_decoder():
@@ -334,7 +344,23 @@ def test_earlier_rows_ignore_later_images_and_rows_before_any_equal_the_decoder(
     assert torch.equal(a[:, :5], b[:, :5])  # a later image never changes earlier rows
     assert not torch.allclose(a[:, 5:], b[:, 5:])
     assert not torch.allclose(a[:, 2:5], c[:, 2:5])  # the first image matters from its token
-    assert not torch.allclose(a[:, 5:], c[:, 5:])  # and still after the second (all earlier)
+    # rows after the second image no longer see the first, but read it through
+    # self-attention from the rows that did
+    assert not torch.allclose(a[:, 5:], c[:, 5:])
+
+
+def test_generation_with_two_images_equals_recomputing_the_whole_sequence():
+    model = tiny_fusion(speech=False)
+    open_gates(model, 1.0)
+    prompt = two_image_tokens()
+    images = torch.rand(1, 2, 1, 16, 16)
+    out = model.generate(prompt, 4, images=images)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            nxt = model(tokens, images=images)[:, -1].argmax(-1)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    assert out == tokens[0, prompt.shape[1] :].tolist()
 
 
 def test_padded_images_of_another_sample_change_nothing():

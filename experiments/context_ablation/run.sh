@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
-# The context study: the fusion stage at a short and a 16x longer context (Llama 3.1's
-# 8K:128K ratio), two seeds each, composed from the same language, vision and speech stage
-# models, then the report with the write-up's claims beside the measured changes.
-#   bash run.sh          CPU scale, 512 vs 8K tokens -> runs/cpu   (~25 min on 2 cores)
-#   bash run.sh gpu      real scale, 8K vs 128K      -> runs/gpu
-# The stage models are trained once into stages/ (herd-recipe, ~9 min on 2 cores); set
-# STAGES=DIR to reuse a finished recipe directory (e.g. one from `make train`).
+# The context study on long review documents: the fusion stage at a short context and at a
+# 4x longer one (extended with llama3 RoPE scaling and staged growth, as Llama 3.1 went 8K
+# -> 128K), three seeds each, the same stage models and the same training tokens per arm;
+# then the report with the write-up's claims beside the measured changes, overall and for
+# answers whose evidence lies beyond / within the short context.
+#   bash run.sh          CPU scale, 512 vs 2048 tokens -> runs/reviews_cpu
+#   bash run.sh gpu      real scale, 8K vs 128K        -> runs/reviews_gpu
+# The stage models are trained once into stages/ (herd-recipe); set STAGES=DIR to reuse a
+# finished recipe directory (e.g. one from `make train`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 make -s install
 study=experiments/context_ablation
 if [[ "${1:-cpu}" == gpu ]]; then
-    contexts=8k,128k; baseline=context=8k; treatment=context=128k; runs=$study/runs/gpu
+    arms=context_reviews_8k,context_reviews_128k; runs=$study/runs/reviews_gpu
+    extra=(precision=bf16_mixed data.doc_tokens=[4000,120000] data.evidence_far_tokens=8192)
 else
-    contexts=512t,8k; baseline=context=512t; treatment=context=8k; runs=$study/runs/cpu
+    arms=context_reviews_512,context_reviews_2k; runs=$study/runs/reviews_cpu
+    extra=()
 fi
 stages=${STAGES:-$study/stages}
 .venv/bin/herd-recipe --run-dir "$stages" --stages language,vision,speech
 ckpt() { ls "$stages/$1"/checkpoints/step*.ckpt | tail -n 1; }
-.venv/bin/herd-train -m experiment=fusion_digits context=$contexts seed=1,2 \
-    trainer.max_steps=400 trainer.val_check_interval=200 \
+.venv/bin/herd-train -m experiment=$arms seed=1,2,3 "${extra[@]}" \
     model.language.checkpoint="$(ckpt language)" model.vision.checkpoint="$(ckpt vision)" \
     model.speech.checkpoint="$(ckpt speech)" \
-    trainer.enable_progress_bar=false hydra.sweep.dir=$runs
-# the fusion checkpoints are ~190 MB each; the results are the metrics, configs and events
+    trainer.enable_progress_bar=false hydra.sweep.dir=$runs auto_resume=true
+# the fusion checkpoints are large; the results are the metrics, configs, events, answers
 rm -rf "$runs"/*/checkpoints
-.venv/bin/herd-report $runs --claims $study/claims.yaml --baseline $baseline --treatment $treatment
+baseline=experiment=${arms%%,*}; treatment=experiment=${arms##*,}
+.venv/bin/herd-report $runs --claims $study/claims_reviews.yaml \
+    --baseline $baseline --treatment $treatment

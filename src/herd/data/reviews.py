@@ -376,6 +376,11 @@ class ReviewDataModule(L.LightningDataModule):
         context_stages: [[first_step, tokens], ...] staged context growth in training.
         weights: question tasks mixed for training (0 drops one everywhere).
         recording_seconds: [low, high] length of a recording.
+        max_items: figures, recordings and passages per document, each drawn from 1 to this
+            (recordings up to one fewer), so that a question must name its item.
+        tokens_per_batch: when set, the training batch size is chosen so that a batch holds
+            this many tokens on average at this context (documents cut to it): runs at two
+            contexts then train on the same number of tokens (`data/train_batch_size`).
         evidence_far_tokens: metrics are also logged apart for answers whose evidence lies
             further back than this (`test/{metric}_far`) and within it (`_near`).
     """
@@ -393,7 +398,9 @@ class ReviewDataModule(L.LightningDataModule):
         val_per_task: int = 8,
         test_per_task: int = 50,
         batch_size: int = 8,
+        tokens_per_batch: int | None = None,
         recording_seconds: list[float] | None = None,
+        max_items: int = 3,
         passages: int = 6000,
         evidence_far_tokens: int | None = 448,
         speech_manifest: str | None = None,
@@ -439,6 +446,7 @@ class ReviewDataModule(L.LightningDataModule):
         self.image_size, self.channels = 32, 1
         self.datasets: dict[str, ReviewDataset] = {}
         self.answer_tokens_per_batch: float | None = None
+        self.train_batch_size = batch_size
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -486,14 +494,19 @@ class ReviewDataModule(L.LightningDataModule):
                 tuple(hp.doc_tokens),
                 tuple(hp.recording_seconds),
                 hp.weights,
+                hp.max_items,
             )
             documents = self._documents(maker, split)
             self.datasets[split] = ReviewDataset(
                 documents, sources, self.tokenizer, hp.max_tokens, hp.truncation
             )
         train = self.datasets["train"].documents
+        self.train_tokens = [min(d.tokens, hp.max_tokens) for d in train]  # once cut
+        if hp.tokens_per_batch:
+            mean = sum(self.train_tokens) / max(1, len(train))
+            self.train_batch_size = max(1, round(hp.tokens_per_batch / mean))
         answers = sum(len(self.tokenizer.encode(d.answer)) + 1 for d in train)
-        self.answer_tokens_per_batch = hp.batch_size * answers / max(1, len(train))
+        self.answer_tokens_per_batch = self.train_batch_size * answers / max(1, len(train))
         log.info("Review documents: %s", self.truncation_metrics())
 
     def _documents(self, maker: DocumentMaker, split: str) -> list[ReviewDocument]:
@@ -526,6 +539,9 @@ class ReviewDataModule(L.LightningDataModule):
             n = max(1, len(cuts))
             out[f"{prefix}truncated_fraction"] = sum(f > 0 or c > 0 for f, c, _ in cuts) / n
             out[f"{prefix}evidence_lost_fraction"] = sum(lost for *_, lost in cuts) / n
+        out["data/train_batch_size"] = float(self.train_batch_size)
+        mean = sum(self.train_tokens) / max(1, len(self.train_tokens))
+        out["data/train_tokens_per_batch"] = self.train_batch_size * mean
         return out
 
     def _loader(self, split: str) -> DataLoader:
@@ -539,8 +555,9 @@ class ReviewDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         train = self.datasets["train"]
-        lengths = [min(d.tokens, hp.max_tokens) for d in train.documents]
-        batches = length_bucket_train_batches(self, lengths, hp.batch_size, bucket_width=128)
+        batches = length_bucket_train_batches(
+            self, self.train_tokens, self.train_batch_size, bucket_width=128
+        )
         sampler = batches
         if hp.context_stages:
             sampler = StagedContextBatches(

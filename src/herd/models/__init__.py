@@ -1,3 +1,4 @@
+from herd.models.fusion import FusionModel, build_fusion_model
 from herd.models.llama import FLAVORS, Llama, LlamaConfig, RopeScaling, generate
 from herd.models.pretrained import load_pretrained_llama, save_hf_checkpoint
 from herd.models.speech import (
@@ -9,6 +10,7 @@ from herd.models.speech import (
 
 __all__ = [
     "FLAVORS",
+    "FusionModel",
     "Llama",
     "LlamaConfig",
     "RopeScaling",
@@ -16,6 +18,7 @@ __all__ = [
     "SpeechAdapterConfig",
     "SpeechEncoder",
     "SpeechEncoderConfig",
+    "build_fusion_model",
     "generate",
     "load_pretrained_llama",
     "save_hf_checkpoint",

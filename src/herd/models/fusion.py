@@ -3,8 +3,8 @@ cross-attention and hearing speech through embeddings spliced into its input.
 
     tokens [B, T] with one <|image|> per image and one run of <|speech|> per clip
     images [B, I, C, H, W] (image_mask [B, I]) -> ImageEncoder -> media [B, I, N, D]
-        -> cross-attention layers before every k-th decoder layer; a text token sees every
-           image whose <|image|> placeholder comes at or before it (see image_media)
+        -> cross-attention layers before every k-th decoder layer; a text token sees the
+           most recent image (group) before it, as in Llama 3.2 Vision (see image_spans)
     audio [B, K, S] (audio_lengths [B, K]) -> SpeechEncoder -> SpeechAdapter
         -> speech [clips, L, D], one per 80 ms; clip k's embeddings replace the k-th run of
            <|speech|> placeholders of its sample, in order
@@ -22,10 +22,11 @@ the decoder alone computes, with any gates (its text rows see no image). Paramet
 keep those of the parts (`decoder.*`, `image_encoder.*`, `speech_encoder.*`), so each
 stage's weights load into it by prefix.
 
-Which images a token sees: herd lets a text token attend to *all* images placed before
-it, since a question at the end of a document may be about any earlier figure. Llama 3.2
-Vision (Mllama) instead lets a token see only the most recent group of consecutive
-images. Both agree for a sample with one image.
+Which images a token sees: as Llama 3.2 Vision (Mllama) has it, text sees the image whose
+<|image|> placeholder it follows most recently (a run of consecutive placeholders counts as
+one group, all seen), and text before the first placeholder sees none. What a later text
+needs of an earlier figure it must read through self-attention from the text that saw it
+(the figure's caption), so how far back a figure lies matters as it does for text.
 """
 
 from __future__ import annotations
@@ -145,25 +146,30 @@ class FusionModel(nn.Module):
 
     def image_media(
         self,
-        image_positions: torch.Tensor,  # [B, I]: each image's <|image|> position (T: none)
+        spans: tuple[torch.Tensor, torch.Tensor],  # ([B, I], [B, I]): see image_spans
         image_mask: torch.Tensor,  # [B, I] bool
         media: torch.Tensor,  # [B, I, N, D]
         start: int,  # absolute position of the first text token (cached decoding)
         length: int,  # text tokens in this call
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(media [B, I*N, D], mask [B, T, I*N]): token t sees image i when i is real and its
-        placeholder sits at or before t."""
+        """(media [B, I*N, D], mask [B, T, I*N]): token t sees image i when i is real and t
+        lies in the image's span [first, end)."""
         B, n_images, N, D = media.shape  # n_images is I in the shape comments
-        positions = torch.arange(start, start + length, device=media.device)  # [T]
-        sees = positions[None, :, None] >= image_positions[:, None, :]  # [B, T, I]
+        first, end = spans
+        positions = torch.arange(start, start + length, device=media.device)[None, :, None]
+        sees = (positions >= first[:, None, :]) & (positions < end[:, None, :])  # [B, T, I]
         sees = sees & image_mask[:, None, :]
         mask = sees[..., None].expand(B, length, n_images, N).reshape(B, length, n_images * N)
         return media.reshape(B, n_images * N, D), mask
 
-    def image_positions(self, tokens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] tokens, [B, I] mask -> [B, I] positions of each sample's <|image|>
-        placeholders in order (T for padding), checking one placeholder per real image."""
-        B, T = tokens.shape
+    def image_spans(
+        self, tokens: torch.Tensor, image_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] tokens, [B, I] mask -> (first, end) [B, I]: the text positions that see
+        each image, as Llama 3.2 Vision has them: from the image's <|image|> placeholder up
+        to the next image's (consecutive placeholders form one group that all its text
+        sees), the last group to the end. Padding slots get an empty span. Checks one
+        placeholder per real image."""
         hits = tokens == self.image_token_id  # [B, T]
         counts, wanted = hits.sum(dim=1), image_mask.sum(dim=1)
         if not torch.equal(counts, wanted):
@@ -171,12 +177,18 @@ class FusionModel(nn.Module):
                 f"<|image|> placeholders per sample {counts.tolist()} != images "
                 f"{wanted.tolist()}; put one placeholder where each image belongs."
             )
-        index = torch.arange(T, device=tokens.device).expand(B, T)
-        ordered = torch.where(hits, index, T).sort(dim=1).values  # [B, T]: hits first
-        positions = torch.full_like(image_mask, T, dtype=torch.long)  # [B, I]
-        rank = image_mask.cumsum(dim=1) - 1  # the k-th real image takes the k-th placeholder
-        gathered = ordered.gather(1, rank.clamp(min=0))  # [B, I]
-        return torch.where(image_mask, gathered, positions)
+        first = torch.zeros(image_mask.shape, dtype=torch.long)
+        end = torch.zeros(image_mask.shape, dtype=torch.long)
+        never = torch.iinfo(torch.long).max  # the last group: to the end, past any cache
+        for b, row in enumerate(hits.cpu()):
+            places = row.nonzero().flatten().tolist()
+            ends = [never] * len(places)
+            for k in range(len(places) - 2, -1, -1):  # a group ends where the next begins
+                ends[k] = ends[k + 1] if places[k + 1] == places[k] + 1 else places[k + 1]
+            slots = image_mask[b].nonzero().flatten().tolist()  # the k-th real image slot
+            for slot, place, stop in zip(slots, places, ends, strict=True):
+                first[b, slot], end[b, slot] = place, stop
+        return first.to(tokens.device), end.to(tokens.device)
 
     def _before_layers(self, media_and_mask: tuple | None) -> dict:
         if media_and_mask is None:
@@ -202,8 +214,8 @@ class FusionModel(nn.Module):
             if image_mask is None:
                 image_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
             media = self.encode_images(images, image_mask)
-            positions = self.image_positions(tokens, image_mask)
-            media_and_mask = self.image_media(positions, image_mask, media, 0, tokens.shape[1])
+            spans = self.image_spans(tokens, image_mask)
+            media_and_mask = self.image_media(spans, image_mask, media, 0, tokens.shape[1])
         return self.decoder.hidden_states(
             tokens,
             inputs_embeds=self.embed(tokens, audio, audio_lengths),
@@ -230,11 +242,11 @@ class FusionModel(nn.Module):
         total = min(T0 + max_new_tokens, decoder.config.max_seq_len)
         if audio is not None and audio_lengths is None:
             audio_lengths = torch.full(audio.shape[:2], audio.shape[-1], device=prompt.device)
-        media = positions = image_mask = None
+        media = spans = image_mask = None
         if images is not None:
             image_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=prompt.device)
             media = self.encode_images(images, image_mask)
-            positions = self.image_positions(prompt, image_mask)  # [1, I]
+            spans = self.image_spans(prompt, image_mask)  # [1, I] each
         tokens, embeds, start = prompt, self.embed(prompt, audio, audio_lengths), 0
         out: list[int] = []
         decoder.setup_cache(1, total)
@@ -243,7 +255,7 @@ class FusionModel(nn.Module):
                 media_and_mask = None
                 if media is not None:
                     media_and_mask = self.image_media(
-                        positions, image_mask, media, start, tokens.shape[1]
+                        spans, image_mask, media, start, tokens.shape[1]
                     )
                 hidden = decoder.hidden_states(
                     tokens,
