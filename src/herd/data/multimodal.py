@@ -303,15 +303,64 @@ def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[
     return out
 
 
-class FusionDataModule(L.LightningDataModule):
+class ChatDataModule(L.LightningDataModule):
+    """What the fusion stage's data modules share: the tokenizer and the speech placeholder
+    count come from the fusion model being trained (`trainer.lightning_module`), so prompts
+    always match it; outside a trainer pass them to `setup_for(tokenizer, speech_tokens,
+    image_size, channels)`. Subclasses fill `self.datasets` in `build_datasets()`.
+    `task_metric` maps each task to the metric that scores its answers."""
+
+    task_metric: dict[str, str] = TASK_METRIC
+
+    def __init__(self):
+        super().__init__()
+        self.tokenizer: Tokenizer | None = None
+        self.speech_tokens = None
+        self.image_size, self.channels = 32, 1
+        self.datasets: dict[str, Dataset] = {}
+        self.answer_tokens_per_batch: float | None = None  # FusionSystem.training_step
+
+    def setup_for(self, tokenizer, speech_tokens=None, image_size: int = 32, channels: int = 1):
+        self.tokenizer, self.speech_tokens = tokenizer, speech_tokens
+        self.image_size, self.channels = image_size, channels
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.tokenizer is None:
+            system = self.trainer.lightning_module if self.trainer is not None else None
+            if system is None:
+                raise ConfigError(f"{type(self).__name__} needs setup_for(...) outside a trainer.")
+            self.setup_for(*system.data_requirements())
+        self.build_datasets()
+
+    def build_datasets(self) -> None:
+        raise NotImplementedError
+
+    def _loader(self, split: str, batch_sampler=None) -> DataLoader:
+        batching = (
+            {"batch_sampler": batch_sampler}
+            if batch_sampler
+            else {"batch_size": self.hparams.batch_size}
+        )
+        return DataLoader(
+            self.datasets[split],
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+            num_workers=self.hparams.num_workers,
+            **batching,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class FusionDataModule(ChatDataModule):
     """The five tasks of the digits world, mixed for training by `weights`; validation and
     test hold up to `val_per_task` / `test_per_task` examples of every task with weight > 0.
-
-    `speed_perturb` lists speed factors drawn per training clip ([] or null: none).
-    The tokenizer and the speech placeholder count come from the fusion model being trained
-    (`trainer.lightning_module`), so prompts always match it; outside a trainer pass them to
-    `setup_for(tokenizer, speech_tokens, image_size, channels)`.
-    """
+    `speed_perturb` lists speed factors drawn per training clip ([] or null: none)."""
 
     def __init__(
         self,
@@ -339,29 +388,13 @@ class FusionDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.weights names unknown tasks {sorted(unknown)}; tasks are {list(TASKS)}."
             )
-        self.tokenizer: Tokenizer | None = None
-        self.speech_tokens = None
-        self.image_size, self.channels = 32, 1
-        self.datasets: dict[str, ExampleDataset] = {}
         self.train_lengths: list[int] = []
-        self.answer_tokens_per_batch: float | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(t for t in TASKS if self.hparams.weights.get(t, 0) > 0)
 
-    def setup_for(self, tokenizer, speech_tokens=None, image_size: int = 32, channels: int = 1):
-        self.tokenizer, self.speech_tokens = tokenizer, speech_tokens
-        self.image_size, self.channels = image_size, channels
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        if self.tokenizer is None:
-            system = self.trainer.lightning_module if self.trainer is not None else None
-            if system is None:
-                raise ConfigError("FusionDataModule needs setup_for(...) outside a trainer.")
-            self.setup_for(*system.data_requirements())
+    def build_datasets(self) -> None:
         hp = self.hparams
         by_split = {split: self._examples(split) for split in ("train", "val", "test")}
         rng = random.Random(hp.seed)
@@ -413,14 +446,6 @@ class FusionDataModule(L.LightningDataModule):
             raise DataError(f"The {split} split has no examples for task(s) {empty}.")
         return out
 
-    def _loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
-            num_workers=self.hparams.num_workers,
-        )
-
     def train_dataloader(self) -> DataLoader:
         # The tasks' samples run from 20 (image) to ~220 (passkey) tokens, and batches padded
         # to their longest spent ~70% of the compute on padding. Coarse buckets keep the short
@@ -429,18 +454,7 @@ class FusionDataModule(L.LightningDataModule):
         batches = length_bucket_train_batches(
             self, self.train_lengths, self.hparams.batch_size, bucket_width=96
         )
-        return DataLoader(
-            self.datasets["train"],
-            batch_sampler=batches,
-            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
-            num_workers=self.hparams.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("train", batches)
 
     def reference_metrics(self) -> dict[str, float]:
         """Trivial baselines on the test split: always answering the most common training
@@ -466,6 +480,7 @@ class FusionDataModule(L.LightningDataModule):
 
 __all__ = [
     "IGNORE_INDEX",
+    "ChatDataModule",
     "TASKS",
     "TASK_METRIC",
     "Example",

@@ -33,16 +33,23 @@ import random
 import zlib
 from array import array
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from herd.data.audio import SAMPLE_RATE
 from herd.data.corpus import pydoc_documents, split_documents
 from herd.data.images import digits_images, stratified_split
-from herd.data.multimodal import IMAGE, SPEECH, _split_of, chat_ids, collate, prompt_ids
+from herd.data.multimodal import (
+    IMAGE,
+    SPEECH,
+    ChatDataModule,
+    _split_of,
+    chat_ids,
+    prompt_ids,
+    speech_examples,
+)
 from herd.data.numbers import make_phrases, number_to_english
 from herd.data.passkey import NEEDLE
 from herd.data.sampling import length_bucket_train_batches
@@ -61,7 +68,6 @@ REVIEW_TASK_METRIC = {
     "passkey": "passkey_acc",
 }
 TRUNCATION_POLICIES = ("drop_front", "error")
-SAMPLE_RATE = 16_000
 GAP_SECONDS = 0.3  # silence between the remarks of one recording
 
 
@@ -101,16 +107,17 @@ class Sources:
     passages: list[tuple[str, str]]  # (English, German)
 
     def recording(self, clips: tuple[int, ...]) -> torch.Tensor:
+        """The clips played one after another with short silences between: [S]."""
         gap = torch.zeros(int(GAP_SECONDS * SAMPLE_RATE))
         parts = []
         for k, c in enumerate(clips):
             parts += [gap] * (k > 0) + [self.clips[c]]
-        return torch.cat(parts)  # [S]
+        return torch.cat(parts)
 
-
-def recording_samples(sources: Sources, clips: tuple[int, ...]) -> int:
-    gap = int(GAP_SECONDS * SAMPLE_RATE)
-    return sum(sources.clips[c].shape[-1] for c in clips) + gap * (len(clips) - 1)
+    def recording_samples(self, clips: tuple[int, ...]) -> int:
+        """recording(clips).shape[0], without building it."""
+        gap = int(GAP_SECONDS * SAMPLE_RATE)
+        return sum(self.clips[c].shape[-1] for c in clips) + gap * (len(clips) - 1)
 
 
 def load_sources(
@@ -126,24 +133,9 @@ def load_sources(
     paragraphs = [p for doc in prose for p in doc.split("\n\n") if len(p.split()) >= 20]
     images, labels, _ = digits_images(image_size, channels)
     index = stratified_split(labels, 0.15, 0.15, split_seed)[split]
-    clips, transcripts = [], []
-    if with_speech:
-        import json
-
-        from herd.data.audio import read_audio
-
-        manifest = speech_manifest or DIGITS_MANIFEST
-        for lineno, raw in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if not raw.strip():
-                continue
-            try:
-                entry = json.loads(raw)
-                if entry.get("split") != split:
-                    continue
-                clips.append(read_audio(manifest.parent / entry["audio"]))
-                transcripts.append(entry["text"])
-            except (ValueError, OSError, RuntimeError, KeyError) as exc:
-                raise DataError(f"{manifest}, line {lineno}: {exc}.") from exc
+    spoken = (
+        speech_examples(speech_manifest or DIGITS_MANIFEST, split, ("asr",)) if with_speech else []
+    )
     phrases = [
         (p.english, p.german)
         for p in make_phrases(passages, seed=split_seed)
@@ -153,8 +145,8 @@ def load_sources(
         paragraphs=paragraphs,
         images=torch.stack([images[i] / 127.5 - 1.0 for i in index]),
         labels=[labels[i] for i in index],
-        clips=clips,
-        transcripts=transcripts,
+        clips=[ex.audio[0] for ex in spoken],
+        transcripts=[ex.answer for ex in spoken],
         passages=phrases,
     )
 
@@ -189,7 +181,7 @@ class DocumentMaker:
         lo, hi = self.recording_seconds
         target = rng.uniform(lo, hi) * SAMPLE_RATE
         clips: list[int] = []
-        while not clips or recording_samples(self.sources, tuple(clips)) < target:
+        while not clips or self.sources.recording_samples(tuple(clips)) < target:
             clips.append(rng.randrange(len(self.sources.clips)))
         return tuple(clips)
 
@@ -224,7 +216,7 @@ class DocumentMaker:
             if seg.kind == "figure":
                 seg.ids = self._ids(f"figure {number}: {IMAGE} a handwritten digit.\n")
             elif seg.kind == "recording":
-                samples = recording_samples(src, seg.clips)
+                samples = src.recording_samples(seg.clips)
                 seg.ids = self._ids(f"recording {number}: {SPEECH}\n", (samples,))
             elif seg.kind == "passage":
                 seg.ids = self._ids(f"passage {number}: {src.passages[seg.item][0]}.\n")
@@ -366,7 +358,7 @@ class StagedContextBatches(Sampler):
             yield [(i, tokens) for i in batch]
 
 
-class ReviewDataModule(L.LightningDataModule):
+class ReviewDataModule(ChatDataModule):
     """Review documents for the fusion stage (`experiment=fusion_reviews`).
 
     Args:
@@ -441,20 +433,11 @@ class ReviewDataModule(L.LightningDataModule):
                 f"stay within the context of {max_tokens} tokens."
             )
         self.evidence_far_tokens = evidence_far_tokens
-        self.tokenizer: Tokenizer | None = None
-        self.speech_tokens = None
-        self.image_size, self.channels = 32, 1
-        self.datasets: dict[str, ReviewDataset] = {}
-        self.answer_tokens_per_batch: float | None = None
         self.train_batch_size = batch_size
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(t for t in REVIEW_TASKS if self.hparams.weights.get(t, 0) > 0)
-
-    def setup_for(self, tokenizer, speech_tokens=None, image_size: int = 32, channels: int = 1):
-        self.tokenizer, self.speech_tokens = tokenizer, speech_tokens
-        self.image_size, self.channels = image_size, channels
 
     def seq_len_at(self, step: int) -> int:
         stages = self.hparams.context_stages
@@ -462,14 +445,7 @@ class ReviewDataModule(L.LightningDataModule):
             [n for first, n in stages if first <= step][-1] if stages else self.hparams.max_tokens
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        if self.tokenizer is None:
-            system = self.trainer.lightning_module if self.trainer is not None else None
-            if system is None:
-                raise ConfigError("ReviewDataModule needs setup_for(...) outside a trainer.")
-            self.setup_for(*system.data_requirements())
+    def build_datasets(self) -> None:
         hp = self.hparams
         if "transcribe" in self.tasks and self.speech_tokens is None:
             raise ConfigError(
@@ -544,17 +520,8 @@ class ReviewDataModule(L.LightningDataModule):
         out["data/train_tokens_per_batch"] = self.train_batch_size * mean
         return out
 
-    def _loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
-            num_workers=self.hparams.num_workers,
-        )
-
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        train = self.datasets["train"]
         batches = length_bucket_train_batches(
             self, self.train_tokens, self.train_batch_size, bucket_width=128
         )
@@ -563,18 +530,7 @@ class ReviewDataModule(L.LightningDataModule):
             sampler = StagedContextBatches(
                 batches, [tuple(s) for s in hp.context_stages], batches.start, batches.world_size
             )
-        return DataLoader(
-            train,
-            batch_sampler=sampler,
-            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
-            num_workers=hp.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("train", sampler)
 
     def reference_metrics(self) -> dict[str, float]:
         """The truncation counts and trivial baselines on the test documents: the most
