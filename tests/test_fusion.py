@@ -409,3 +409,37 @@ def test_several_clips_splice_in_order_and_a_missing_clip_is_an_error():
     # and a batch whose clips do not cover its placeholders is refused
     with pytest.raises(ValueError, match="Speech placeholders per sample"):
         model.embed(tokens, batch["audio"][:, :1], batch["audio_lengths"][:, :1])
+
+
+def test_the_gates_are_found_by_type_for_their_own_learning_rate():
+    from herd.systems.common import decay_param_groups
+    from herd.systems.fusion import FusionSystem
+
+    system = FusionSystem(
+        language={"llama": {"flavor": "tiny"}, "tokenizer": "bytes"},
+        vision={
+            "encoder": {
+                "img_size": 16,
+                "patch_size": 4,
+                "feature_layers": [0],
+                "n_gated_layers": 1,
+                "gated_heads": 2,
+                "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+            }
+        },
+        speech=None,
+        cross_attention_every=2,
+        gate_lr_multiplier=30.0,
+        encoder_lr_multiplier=0.1,
+    )
+    groups = decay_param_groups(system, 0.1, system.lr_multipliers())
+    scaled = {id(p): g.get("lr_scale", 1.0) for g in groups for p in g["params"]}
+    gates = [m.gate for m in system.model.cross_attention.modules() if isinstance(m, TanhGate)]
+    assert len(gates) == 2 * len(system.model.cross_attention_layers)  # attention + MLP
+    assert all(scaled[id(g)] == 30.0 for g in gates)
+    encoder_gates = [
+        m.gate for m in system.model.image_encoder.modules() if isinstance(m, TanhGate)
+    ]
+    assert encoder_gates and all(scaled[id(g)] == 0.1 for g in encoder_gates)
+    q = system.model.cross_attention["1"].q_proj.weight
+    assert scaled[id(q)] == 1.0

@@ -245,12 +245,14 @@ class FusionSystem(HerdSystem):
             for key in ("evidence_distance", "evidence_lost"):
                 if key in batch:
                     record[key] = batch[key][b]
-            if split == "test" or sum(p["task"] == task for p in self.predictions[split]) < 4:
-                first_image = first_clip = None
-                if "images" in batch and bool(batch["image_mask"][b].any()):
-                    first_image = batch["images"][b, 0].cpu()
-                if "audio" in batch and int(batch["audio_lengths"][b, 0]) > 0:
-                    first_clip = batch["audio"][b, 0, : int(batch["audio_lengths"][b, 0])].cpu()
+            # every test answer is kept (test_predictions.jsonl); media for a few per task
+            shown = sum(p["task"] == task for p in self.predictions[split]) < 4
+            first_image = first_clip = None
+            if shown and "images" in batch and bool(batch["image_mask"][b].any()):
+                first_image = batch["images"][b, 0].cpu()
+            if shown and "audio" in batch and int(batch["audio_lengths"][b, 0]) > 0:
+                first_clip = batch["audio"][b, 0, : int(batch["audio_lengths"][b, 0])].cpu()
+            if shown or split == "test":
                 self.predictions[split].append(
                     {**record, "image": first_image, "audio": first_clip}
                 )
@@ -287,10 +289,10 @@ class FusionSystem(HerdSystem):
 
     def lr_multipliers(self) -> dict[str, float]:
         hp = self.hparams
-        gates = {  # the fusion gates (found by type); the encoders' own gates go with them
-            f"model.{name}.gate": hp.gate_lr_multiplier
-            for name, module in self.model.named_modules()
-            if isinstance(module, TanhGate) and name.startswith("cross_attention.")
+        gates = {  # the cross-attention's gates, found by type
+            f"model.cross_attention.{name}.gate": hp.gate_lr_multiplier
+            for name, module in (self.model.cross_attention or nn.Module()).named_modules()
+            if isinstance(module, TanhGate)
         }
         return {
             **gates,
