@@ -9,6 +9,7 @@ has parsed the command line; `test_train.py` checks the same through real subpro
 from __future__ import annotations
 
 import json
+import re
 import wave
 from pathlib import Path
 
@@ -124,7 +125,59 @@ def _cases():
 
         return build
 
+    def checkpoints_dir_is_a_file(*overrides):
+        def build(tmp):
+            (tmp / "run").mkdir()
+            (tmp / "run" / "checkpoints").write_text("not a directory")
+            return "train", [*overrides, "trainer.max_steps=2", "test=false"]
+
+        return build
+
     return [
+        # numeric settings, checked before any work
+        ("zero batch size", cfg(*FAST, "data.batch_size=0"), r"data.batch_size=0 is not valid"),
+        (
+            "negative learning rate",
+            cfg(*FAST, "model.optimizer.lr=-1"),
+            r"model.optimizer.lr=-1 is not valid: it must be a number greater than 0",
+        ),
+        ("zero steps", cfg(*FAST, "trainer.max_steps=0"), r"trainer.max_steps=0 .* or -1 for no"),
+        (
+            "validation beyond an epoch",
+            cfg(*FAST, "trainer.val_check_interval=1.5"),
+            r"trainer.val_check_interval=1.5 is not valid",
+        ),
+        (
+            "fraction above one",
+            cfg(*TINY_VISION, "data.val_fraction=1.5"),
+            r"data.val_fraction=1.5 is not valid: it must be a fraction in \[0, 1\]",
+        ),
+        (
+            "negative workers",
+            cfg(*SPEECH, "data.num_workers=-2"),
+            r"data.num_workers=-2 is not valid: it must be a whole number of at least 0",
+        ),
+        (
+            "batch size not a number",
+            cfg(*TINY_VISION, "data.batch_size=many"),
+            r"data.batch_size='many' is not valid",
+        ),
+        (
+            "negative warmup",
+            cfg(*SPEECH, "model.scheduler.warmup_steps=-5"),
+            r"model.scheduler.warmup_steps=-5 is not valid",
+        ),
+        (
+            "eval with a negative batch limit",
+            with_checkpoint("trainer.limit_test_batches=-1", name="eval"),
+            r"trainer.limit_test_batches=-1 is not valid",
+        ),
+        # paths a run writes
+        (
+            "checkpoint directory is a file",
+            checkpoints_dir_is_a_file(*FAST),
+            r"run/checkpoints: .*; check that the path exists and is writable",
+        ),
         # configs
         ("fsdp on cpu", cfg(*FAST, "strategy=fsdp"), r"strategy=fsdp \(FSDP\) needs CUDA GPUs"),
         (
@@ -280,10 +333,25 @@ def test_bad_input_stops_with_one_clear_line(build, message, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("herd: error:")]
     assert len(lines) == 1, err[-2000:]
     assert "Traceback" not in err
-    import re
-
     assert re.search(message, lines[0]), lines[0]
 
 
 def test_the_catalogue_is_broad():
     assert len(CASES) >= 20
+
+
+def test_a_log_directory_that_cannot_be_created_is_one_line(tmp_path):
+    """Hydra creates the run directory before herd's code runs; herd checks it first."""
+    from .conftest import run_cli
+
+    (tmp_path / "a-file").write_text("HERD_LOG_DIR points below this file")
+    result = run_cli("herd.train", *FAST, log_dir=tmp_path / "a-file" / "logs")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if line.startswith("herd: error:")
+    ]
+    assert re.search(
+        r"cannot create the run directory .*a-file/logs/train/runs/.* set HERD_LOG_DIR",
+        result.stderr,
+    )

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from herd.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
+from herd.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError, OutOfMemoryStop
 from herd.data.sampling import ResumableShuffleSampler
 from herd.errors import ConfigError
 from herd.train import resume_checkpoint, train
@@ -237,7 +237,7 @@ class PoisonGradients(L.Callback):
             next(pl_module.parameters()).grad[0, 0] = float("nan")
 
 
-def _tiny_fit(tmp_path, guard, max_steps=4):
+def _tiny_fit(tmp_path, guard, max_steps=4, inject=None):
     from herd.data.text import TextDataModule
     from herd.systems.language import LanguageSystem
 
@@ -261,7 +261,7 @@ def _tiny_fit(tmp_path, guard, max_steps=4):
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        callbacks=[PoisonGradients(at_step=2), guard, Snapshot()],
+        callbacks=[inject or PoisonGradients(at_step=2), guard, Snapshot()],
     )
     trainer.fit(system, datamodule=data)
     return snapshots
@@ -297,3 +297,51 @@ def test_speech_length_buckets_resume_and_shard_like_the_plain_sampler():
     assert [b for b, _ in zip(resumed, range(13), strict=False)] == stream[17:30]
     rank1 = LengthBucketBatches(lengths, 4, seed=1, start=4, rank=1, world_size=2)
     assert [b for b, _ in zip(rank1, range(3), strict=False)] == stream[5:11:2]
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+
+def _out_of_memory(*args):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+
+class OutOfMemoryAt(L.Callback):
+    """Make the forward (or the backward) pass of one step raise CUDA's out-of-memory error,
+    as an unusually long sample would; on CPU, by injection."""
+
+    def __init__(self, step: int, where: str = "forward"):
+        self.step, self.where, self.hooks = step, where, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        if self.where == "forward":  # whichever layer runs first
+            self.hooks = [m.register_forward_pre_hook(_out_of_memory) for m in pl_module.modules()]
+        else:
+            self.hooks = [p.register_hook(_out_of_memory) for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_batch_out_of_memory_is_skipped_and_counted_then_training_goes_on(tmp_path, where):
+    guard = NonFiniteGuard(policy="skip")
+    snapshots = _tiny_fit(tmp_path, guard, inject=OutOfMemoryAt(step=2, where=where))
+    assert guard.skipped_oom == 1 and guard.skipped == 0
+    assert sorted(snapshots) == [1, 2, 3, 4]  # every step taken, the run went on
+    # the batch that did not fit changed nothing; the steps around it did
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[4], strict=True))
+
+
+def test_a_batch_out_of_memory_stops_the_run_with_a_clear_message_when_asked(tmp_path):
+    with pytest.raises(
+        OutOfMemoryStop,
+        match=r"Out of memory in the forward pass of step 2.*"
+        r"Lower data.batch_size",
+    ):
+        _tiny_fit(tmp_path, NonFiniteGuard(policy="stop"), inject=OutOfMemoryAt(step=2))

@@ -317,3 +317,67 @@ def test_ddp_jobs_of_a_herd_train_multirun_share_the_sweep_directory(tmp_path):
     assert run_directories(tmp_path) == [tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"]
     assert len(list(tmp_path.rglob("metrics.json"))) == 2
     assert len(list(tmp_path.rglob("multirun.yaml"))) == 1
+
+
+# --------------------------------------------------------------------------- a crashed sweep
+
+
+def job_files(job_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of a job directory: its bytes, and its modification time except for
+    Hydra's .hydra/ (Hydra writes it again, the same, before a job starts)."""
+    return {
+        str(p.relative_to(job_dir)): (
+            p.read_bytes(),
+            0 if p.parent.name == ".hydra" else p.stat().st_mtime_ns,
+        )
+        for p in sorted(job_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_in_its_third_job_finishes_when_rerun(tmp_path):
+    logs, marker = tmp_path / "logs", tmp_path / "killed-once"
+    sweep = logs / "sweep"
+    quick = ("trainer.max_steps", "trainer.val_check_interval", "data.batch_size")
+    command = [
+        "-m",
+        *(o for o in TINY_SWEEP if not o.startswith(quick)),
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "data.batch_size=1",
+        "callbacks.text_samples=null",
+        "seed=1,2,3,4",
+        f"hydra.sweep.dir={sweep}",
+        "auto_resume=true",
+        # the whole sweep process dies in job 2 after its step-2 checkpoint, once
+        "+callbacks.crash._target_=tests.helpers.crash.KillInJob",
+        "+callbacks.crash.job=2",
+        "+callbacks.crash.step=3",
+        f"+callbacks.crash.marker={marker}",
+    ]
+    crashed = run_cli("herd.train", *command, log_dir=logs)
+    assert crashed.returncode == -9 and marker.exists(), crashed.stderr[-3000:]
+    assert [(sweep / j / "metrics.json").is_file() for j in "012"] == [True, True, False]
+    assert not (sweep / "3").exists()
+    finished = {j: job_files(sweep / j) for j in "01"}
+
+    rerun = run_cli("herd.train", *command, log_dir=logs)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # the finished jobs were not retrained: not a byte nor a timestamp changed
+    for j in "01":
+        assert job_files(sweep / j) == finished[j], j
+    assert rerun.stdout.count("finished earlier with these settings; kept") == 2
+    # the cut job continued from its checkpoint, the unstarted one ran
+    assert "Resuming from" in (sweep / "2" / "train.log").read_text()
+    for j in "23":
+        metrics = json.loads((sweep / j / "metrics.json").read_text())
+        assert {"val/loss", "test/loss", "train/loss"} <= set(metrics), j
+
+    assert main([str(sweep), "--quiet"]) == 0
+    report = (sweep / "report.md").read_text()
+    assert "Missing or failed" not in report
+    jobs = find_jobs(sweep)
+    assert sorted(j["overrides"]["seed"] for j in jobs) == ["1", "2", "3", "4"]
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "±" in line]
+    assert len(rows) == 1 and "| 4 | 1,2,3,4 |" in rows[0], report

@@ -25,7 +25,7 @@ from herd.systems.common import load_system, read_checkpoint_header
 from herd.systems.language import LanguageSystem
 from herd.train import CONFIG_DIR, instantiate_all
 from herd.utils.cli import report_errors
-from herd.utils.preflight import check_hardware
+from herd.utils.preflight import check_hardware, check_settings
 from herd.utils.run import final_metrics, log_hparams, write_metrics_json
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def fit_language_context(cfg: DictConfig, system: LanguageSystem) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    check_settings(cfg)
     check_hardware(cfg)
     L.seed_everything(cfg.seed, workers=True)
     header = read_checkpoint_header(cfg.ckpt_path)
