@@ -345,3 +345,29 @@ def test_a_batch_out_of_memory_stops_the_run_with_a_clear_message_when_asked(tmp
         r"Lower data.batch_size",
     ):
         _tiny_fit(tmp_path, NonFiniteGuard(policy="stop"), inject=OutOfMemoryAt(step=2))
+
+
+# ----------------------------------------------------------------------------- finished runs
+
+
+def test_a_finished_run_is_kept_and_one_of_other_settings_is_refused(train_cfg, capsys):
+    from herd.utils.run import finished_metrics, mark_finished, write_metrics_json
+
+    cfg = train_cfg("trainer.max_steps=2", "auto_resume=true")
+    run = Path(cfg.paths.output_dir)
+    assert finished_metrics(run, cfg) is None  # nothing there yet
+    write_metrics_json(run, {"val/loss": 1.5})
+    assert finished_metrics(run, cfg) is None  # metrics.json alone: cut before the end
+    mark_finished(run, cfg)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert train(cfg) == {"val/loss": 1.5}  # skipped: nothing trained, nothing written
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    assert "finished earlier with these settings; kept" in capsys.readouterr().out
+    # the progress bar changes no result; the step count does
+    assert finished_metrics(
+        run, train_cfg("trainer.max_steps=2", "trainer.enable_progress_bar=true")
+    )
+    with pytest.raises(
+        ConfigError, match=r"finished with other settings: trainer.max_steps=2 there vs 3"
+    ):
+        finished_metrics(run, train_cfg("trainer.max_steps=3"))

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from herd.report import build_report, claims_rows, find_jobs, load_claims, main
 from herd.train import CONFIG_DIR
@@ -260,6 +261,11 @@ def test_hparams_search_optuna_configures_a_tpe_search_over_lr_and_warmup():
     assert sweeper.direction == "minimize" and cfg.optimized_metric == "val/loss"
     assert set(sweeper.params) == {"model.optimizer.lr", "model.scheduler.warmup_steps"}
     assert sweeper.params["model.optimizer.lr"].startswith("tag(log, interval(")
+    # a cut study continues from its storage in the sweep directory, trials named by params
+    raw = OmegaConf.to_container(cfg.hydra, resolve=False)
+    assert raw["sweeper"]["storage"] == "sqlite:///${hydra.sweep.dir}/optuna.db"
+    assert sweeper.study_name == "herd"
+    assert raw["sweep"]["subdir"] == "${hydra.job.override_dirname}"
 
 
 def test_hparams_search_optuna_without_the_plugin_names_the_missing_sweeper():

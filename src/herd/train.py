@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from herd.callbacks.resume import ExactResume
@@ -119,6 +120,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.train:
         if ckpt_path:
             log.info("Resuming from %s", ckpt_path)
+            cuda = trainer.strategy.root_device.type == "cuda"
+            if cuda and not torch.are_deterministic_algorithms_enabled():
+                log.warning(
+                    "The random state is restored, but CUDA kernels without a deterministic "
+                    "implementation can make the losses after this resume differ in their last "
+                    "bits from an uninterrupted run; trainer.deterministic=true avoids that."
+                )
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     # a run resumed after its last step trains nothing: its checkpoint has the fit metrics
     fit_metrics = {**exact_resume.restored_metrics, **trainer.callback_metrics}
