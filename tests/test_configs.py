@@ -153,13 +153,13 @@ def test_fsdp_strategy_shards_each_block(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
     from herd.models.llama import DecoderLayer
-    from herd.models.vision import CrossAttentionDecoderLayer
+    from herd.models.vision import GatedCrossAttention
 
     cfg = compose_cfg("train", ["strategy=fsdp"], tmp_path / "run")
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
     wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
-    assert {DecoderLayer, CrossAttentionDecoderLayer} <= set(wrapped)
+    assert {DecoderLayer, GatedCrossAttention} <= set(wrapped)
     assert cfg.trainer.gradient_clip_val is None
 
 

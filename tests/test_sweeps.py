@@ -206,19 +206,20 @@ def test_claims_table_puts_the_claimed_beside_the_measured_relative_change(tmp_p
     )
     rows = {r["metric"]: r for r in claims_rows(load_claims(claims_file), find_jobs(sweep))}
     assert rows["test/bleu"]["measured"] == pytest.approx(0.15)
-    assert rows["test/bleu"]["baseline"][1:] == (20.0, 2)
+    assert rows["test/bleu"]["baseline"][1:] == pytest.approx((20.0, 2, 2**0.5))
+    assert rows["test/bleu"]["separation"] == pytest.approx(3 / 2**0.5)  # gap / seed std
     assert rows["test/wer"]["measured"] == pytest.approx(-0.10)
     assert rows["test/top1"]["measured"] is None
 
     report = build_report(sweep, claims_file)
     table = report.split("## Claimed vs measured")[1]
     assert (
-        "| test/bleu | context=8k | context=128k | 20 (2) | 23 (2) | +15.0% | +15.0% | yes |"
-        in table
+        "| test/bleu | context=8k | context=128k | 20 ± 1.414 (2) | 23 ± 1.414 (2) | +15.0% "
+        "| +15.0% | yes | 2.1 |" in table
     )
     assert (
-        "| test/wer | context=8k | context=128k | 0.5 (2) | 0.45 (2) | -20.0% | -10.0% | yes |"
-        in table
+        "| test/wer | context=8k | context=128k | 0.5 ± 0 (2) | 0.45 ± 0 (2) | -20.0% | -10.0% "
+        "| yes | inf |" in table
     )
     assert "| test/top1 |" in table and "not measured" in table
 
@@ -229,7 +230,7 @@ def test_claims_table_puts_the_claimed_beside_the_measured_relative_change(tmp_p
         {"model.optimizer.lr": "3e-3"},
         {"context": "128k"},
     )
-    assert rows[0]["baseline"][1:] == (21.5, 4)
+    assert rows[0]["baseline"][1:3] == (21.5, 4)
 
 
 def test_a_malformed_claims_file_fails_with_one_line(tmp_path, capsys):
