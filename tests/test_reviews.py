@@ -161,6 +161,7 @@ TINY_REVIEWS = [
     "data.val_per_task=1",
     "data.test_per_task=2",
     "data.batch_size=2",
+    "data.tokens_per_batch=null",
     "trainer.max_steps=4",
     "trainer.val_check_interval=4",
     "trainer.log_every_n_steps=1",
@@ -194,3 +195,25 @@ def test_a_short_fusion_run_on_review_documents_writes_metrics_and_cuts(tmp_path
     assert len(predictions) == 2 * len(REVIEW_TASKS)
     assert all("evidence_distance" in p for p in predictions)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_tokens_per_batch_gives_two_contexts_the_same_tokens_per_step():
+    sizes = {}
+    for max_tokens in (512, 2048):
+        data = ReviewDataModule(
+            doc_tokens=[200, 1500],
+            max_tokens=max_tokens,
+            train_docs=60,
+            val_per_task=1,
+            test_per_task=1,
+            recording_seconds=[4.0, 8.0],
+            tokens_per_batch=4096,
+        )
+        data.setup_for(TOKENIZER, speech_tokens, image_size=32, channels=1)
+        data.setup("fit")
+        lengths = [min(d.tokens, max_tokens) for d in data.datasets["train"].documents]
+        assert data.train_batch_size == round(4096 * len(lengths) / sum(lengths))
+        tokens = data.truncation_metrics()["data/train_tokens_per_batch"]
+        assert tokens == pytest.approx(4096, rel=0.15)
+        sizes[max_tokens] = data.train_batch_size
+    assert sizes[512] > sizes[2048]  # more, shorter documents per batch at the short context
