@@ -443,3 +443,42 @@ def test_the_gates_are_found_by_type_for_their_own_learning_rate():
     assert encoder_gates and all(scaled[id(g)] == 0.1 for g in encoder_gates)
     q = system.model.cross_attention["1"].q_proj.weight
     assert scaled[id(q)] == 1.0
+
+
+def test_a_fusion_checkpoint_starts_another_run_at_its_own_context(tmp_path):
+    import lightning as L
+
+    from herd.systems.fusion import FusionSystem
+
+    tiny_image = {"img_size": 16, "patch_size": 4, "feature_layers": [0], "lm_dim": 32}
+    source = FusionSystem(
+        language={"llama": {"flavor": "tiny", "max_seq_len": 512}, "tokenizer": "bytes"},
+        vision={
+            "encoder": {
+                **tiny_image,
+                "backbone_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+            }
+        },
+        speech=None,
+        cross_attention_every=2,
+    )
+    open_gates(source.model, 0.5)  # weights that differ from a fresh build
+    trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(source)
+    trainer.save_checkpoint(tmp_path / "fusion.ckpt")
+
+    scaling = {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    scaling["original_max_seq_len"] = 512
+    continued = FusionSystem(
+        language={"llama": {"flavor": "small", "max_seq_len": 2048, "rope_scaling": scaling}},
+        vision={"encoder": {}},  # replaced by the source's architecture
+        speech=None,
+        cross_attention_every=1,
+        init_from=str(tmp_path / "fusion.ckpt"),
+    )
+    assert continued.model.cross_attention_layers == source.model.cross_attention_layers
+    assert continued.model.decoder.config.max_seq_len == 2048
+    assert continued.model.decoder.config.rope_scaling is not None
+    theirs = source.model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in continued.model.state_dict().items())
+    assert continued.hparams.init_from is None  # its own checkpoints hold the weights

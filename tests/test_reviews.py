@@ -155,7 +155,7 @@ TINY_REVIEWS = [
     "++model.speech.encoder={dim: 32, n_layers: 1, n_heads: 2, ffn_dim: 64, dropout: 0.0}",
     "model.speech.adapter={dim: 32, n_heads: 2, ffn_dim: 64}",
     "model.max_new_tokens=6",
-    "data.doc_tokens=[200,900]",
+    "data.doc_tokens=[600,1500]",
     "data.recording_seconds=[3.0,6.0]",
     "data.train_docs=24",
     "data.val_per_task=1",
@@ -185,15 +185,17 @@ def test_a_short_fusion_run_on_review_documents_writes_metrics_and_cuts(tmp_path
     for name in ("top1", "wer", "bleu", "passkey_acc", "loss"):
         assert f"test/{name}" in saved, name
     assert any(k.endswith(("_near", "_far")) for k in saved)
-    if context == "512t":
-        assert saved["data/truncated_fraction"] > 0
+    predictions = [json.loads(x) for x in (run / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2 * len(REVIEW_TASKS)
+    assert all("evidence_distance" in p for p in predictions)
+    lost = sum(p["evidence_lost"] for p in predictions) / len(predictions)
+    assert saved["data/evidence_lost_fraction"] == pytest.approx(lost)
+    if context == "512t":  # every document is longer than 512 tokens
+        assert saved["data/truncated_fraction"] == 1
         assert saved["data/evidence_lost_fraction"] > 0
     else:  # every document fits 2048 tokens: nothing is cut
         assert saved["data/truncated_fraction"] == 0
         assert saved["data/evidence_lost_fraction"] == 0
-    predictions = [json.loads(x) for x in (run / "test_predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 2 * len(REVIEW_TASKS)
-    assert all("evidence_distance" in p for p in predictions)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 

@@ -64,6 +64,9 @@ class FusionSystem(HerdSystem):
             features (at x1 a linear probe on the image features fell from 97% to 36%).
         spec_augment: SpecAugment arguments for the speech encoder's log-mels in training
             (null: none); the corpus has few clips, which the decoder otherwise memorises.
+        init_from: a FusionSystem checkpoint to start from: its architecture (language,
+            vision, speech, cross_attention_every replace this config's) and weights, with
+            this run's context (e.g. a fusion_digits model continued on review documents).
     Checkpoints of this system rebuild every part from the resolved configs recorded here,
     so they load without the stage checkpoints they started from.
     """
@@ -82,6 +85,7 @@ class FusionSystem(HerdSystem):
         gate_lr_multiplier: float = 1.0,
         encoder_lr_multiplier: float = 1.0,
         spec_augment: dict | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         language, vision, speech = plain(language), plain(vision), plain(speech)
@@ -90,7 +94,22 @@ class FusionSystem(HerdSystem):
         self.save_hyperparameters()
 
         llama = language.get("llama") or {}  # the flavor when built fresh; context= either way
-        if language.get("checkpoint"):
+        source = None
+        if init_from:  # the architecture recorded by the source; its weights are loaded below
+            source = _stage_system(init_from, "FusionSystem")
+            trained = source.hparams
+            language = {
+                "llama": trained.language["llama"],
+                "tokenizer": trained.language["tokenizer"],
+            }
+            vision, speech = trained.vision, trained.speech
+            cross_attention_every = trained.cross_attention_every
+            self.hparams.cross_attention_every = cross_attention_every
+        if source is not None:
+            tokenizer_spec = language["tokenizer"]
+            decoder = Llama(llama_config(language["llama"], None))
+            with_context(decoder, llama, init_from)
+        elif language.get("checkpoint"):
             stage = _stage_system(language["checkpoint"], "LanguageSystem")
             decoder = with_context(stage.model.float(), llama, language["checkpoint"])
             tokenizer_spec = stage.hparams.tokenizer
@@ -124,6 +143,9 @@ class FusionSystem(HerdSystem):
             speech_adapter=(speech or {}).get("adapter"),
             speech_augment=SpecAugment(**spec_augment) if spec_augment else None,
         )
+        if source is not None:
+            self.model.load_state_dict(source.model.state_dict())  # strict: same architecture
+            self.hparams.init_from = None  # the weights now live in this run's checkpoints
         finetune = finetune or {"strategy": "full"}
         self.parameter_counts = apply_finetune_strategy(
             self.model,
