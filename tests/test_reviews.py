@@ -56,20 +56,19 @@ def test_truncation_keeps_the_question_and_counts_lost_evidence():
         truncate(doc, 80, "error")
 
 
-@pytest.fixture(scope="module")
-def reviews():
-    data = ReviewDataModule(
-        doc_tokens=[200, 1500],
-        max_tokens=512,
-        train_docs=40,
-        val_per_task=2,
-        test_per_task=6,
-        recording_seconds=[4.0, 8.0],
-        seed=1,
-    )
+def small_reviews(**settings) -> ReviewDataModule:
+    """Review documents of 200-1500 tokens at a 512-token context, set up outside a trainer."""
+    defaults = {"doc_tokens": [200, 1500], "max_tokens": 512, "train_docs": 40}
+    defaults.update(val_per_task=2, test_per_task=6, recording_seconds=[4.0, 8.0])
+    data = ReviewDataModule(**{**defaults, **settings})
     data.setup_for(TOKENIZER, speech_tokens, image_size=32, channels=1)
     data.setup("fit")
     return data
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    return small_reviews(seed=1)
 
 
 def test_documents_hold_every_part_and_their_evidence_where_recorded(reviews):
@@ -95,17 +94,7 @@ def test_documents_hold_every_part_and_their_evidence_where_recorded(reviews):
 
 
 def test_test_documents_are_fixed_by_the_split_seed_not_the_training_seed(reviews):
-    other = ReviewDataModule(
-        doc_tokens=[200, 1500],
-        max_tokens=512,
-        train_docs=40,
-        val_per_task=2,
-        test_per_task=6,
-        recording_seconds=[4.0, 8.0],
-        seed=2,
-    )
-    other.setup_for(TOKENIZER, speech_tokens, image_size=32, channels=1)
-    other.setup("fit")
+    other = small_reviews(seed=2)
     same = [(d.answer, d.tokens) for d in other.datasets["test"].documents]
     assert same == [(d.answer, d.tokens) for d in reviews.datasets["test"].documents]
     assert [d.answer for d in other.datasets["train"].documents] != [
@@ -202,17 +191,9 @@ def test_a_short_fusion_run_on_review_documents_writes_metrics_and_cuts(tmp_path
 def test_tokens_per_batch_gives_two_contexts_the_same_tokens_per_step():
     sizes = {}
     for max_tokens in (512, 2048):
-        data = ReviewDataModule(
-            doc_tokens=[200, 1500],
-            max_tokens=max_tokens,
-            train_docs=60,
-            val_per_task=1,
-            test_per_task=1,
-            recording_seconds=[4.0, 8.0],
-            tokens_per_batch=4096,
+        data = small_reviews(
+            max_tokens=max_tokens, train_docs=60, test_per_task=1, tokens_per_batch=4096
         )
-        data.setup_for(TOKENIZER, speech_tokens, image_size=32, channels=1)
-        data.setup("fit")
         lengths = [min(d.tokens, max_tokens) for d in data.datasets["train"].documents]
         assert data.train_batch_size == round(4096 * len(lengths) / sum(lengths))
         tokens = data.truncation_metrics()["data/train_tokens_per_batch"]

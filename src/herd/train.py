@@ -25,6 +25,7 @@ from herd.utils.preflight import check_context, check_hardware, check_settings
 from herd.utils.run import (
     final_metrics,
     finished_metrics,
+    flatten,
     log_hparams,
     mark_finished,
     peak_memory_gb,
@@ -42,15 +43,6 @@ def instantiate_all(section: DictConfig | None) -> list:
     if not section:
         return []
     return [hydra.utils.instantiate(c) for c in section.values() if c and "_target_" in c]
-
-
-def _flatten(value, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -80,8 +72,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         )
     trained = (header.get("config") or {}).get("model")
     if trained:
-        now = _flatten(OmegaConf.to_container(cfg.model, resolve=True, throw_on_missing=False))
-        before = _flatten(trained)
+        now = flatten(OmegaConf.to_container(cfg.model, resolve=True, throw_on_missing=False))
+        before = flatten(trained)
         differ = sorted(k for k in now.keys() & before.keys() if now[k] != before[k])
         if differ:
             listed = ", ".join(

@@ -74,11 +74,12 @@ def write_metrics_json(output_dir: str | Path, metrics: dict[str, float]) -> Pat
     return path
 
 
-def _flat(value, prefix: str = "") -> dict:
+def flatten(value, prefix: str = "") -> dict:
+    """A nested dict as {dotted key: leaf value}."""
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: value}
 
@@ -91,7 +92,7 @@ def job_settings(cfg: DictConfig) -> dict:
         if isinstance(value, DictConfig):
             value = OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
         plain[key] = value
-    return {k: v for k, v in _flat(plain).items() if k not in COSMETIC}
+    return {k: v for k, v in flatten(plain).items() if k not in COSMETIC}
 
 
 def mark_finished(output_dir: str | Path, cfg: DictConfig) -> None:
