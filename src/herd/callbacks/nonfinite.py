@@ -95,8 +95,8 @@ class NonFiniteGuard(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         step = trainer.global_step
-        if self.policy == "stop" or self._in_a_row >= self.max_skipped:
-            why = "" if self.policy == "stop" else f" ({self._in_a_row} steps skipped in a row)"
+        why = self._stop_reason()
+        if why is not None:
             raise OutOfMemoryStop(
                 f"Out of memory in the {where} of step {step}{why}; training stopped and the "
                 "last checkpoint was kept. Lower data.batch_size (or the context length, or use "
@@ -112,10 +112,18 @@ class NonFiniteGuard(L.Callback):
             self.skipped_oom,
         )
 
+    def _stop_reason(self) -> str | None:
+        """None when this step may be skipped; else why the run stops ('' for policy=stop)."""
+        if self.policy == "stop":
+            return ""
+        if self._in_a_row >= self.max_skipped:
+            return f" ({self._in_a_row} steps skipped in a row)"
+        return None
+
     def _bad(self, trainer: L.Trainer, what: str) -> None:
         step = trainer.global_step
-        if self.policy == "stop" or self._in_a_row >= self.max_skipped:
-            why = "" if self.policy == "stop" else f" ({self._in_a_row} steps skipped in a row)"
+        why = self._stop_reason()
+        if why is not None:
             raise NonFiniteLossError(
                 f"Non-finite {what} at step {step}{why}; training stopped and the last good "
                 "checkpoint was kept. Lower the learning rate or use precision=fp32/bf16_mixed, "
