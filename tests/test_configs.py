@@ -11,6 +11,7 @@ import torch
 
 from herd.errors import ConfigError
 from herd.train import CONFIG_DIR, instantiate_all
+from herd.utils import preflight
 from herd.utils.preflight import check_context, check_hardware
 
 from .conftest import compose_cfg
@@ -86,7 +87,9 @@ def test_context_sets_model_and_data_lengths_and_rope_scaling(context, tmp_path)
     assert system.hparams.loss_chunk_size == cfg.context.loss_chunk_size
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16_mixed", "bf16_true", "fp16_mixed", "fp8"])
+@pytest.mark.parametrize(
+    "precision", ["fp32", "bf16_mixed", "bf16_true", "fp16_mixed", "fp8", "auto"]
+)
 @pytest.mark.parametrize("strategy", ["single", "ddp", "ddp_spawn", "fsdp", "deepspeed"])
 def test_precision_and_strategy_compose(precision, strategy, tmp_path):
     cfg = compose_cfg("train", [f"precision={precision}", f"strategy={strategy}"], tmp_path / "run")
@@ -99,6 +102,13 @@ def test_precision_and_strategy_compose(precision, strategy, tmp_path):
     else:
         with pytest.raises(ConfigError, match="needs (a )?CUDA GPU"):
             check_hardware(cfg)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_native(native, tmp_path, monkeypatch):
+    monkeypatch.setattr(preflight, "native_bf16", lambda: native)
+    cfg = compose_cfg("train", ["precision=auto"], tmp_path / "run")
+    assert cfg.trainer.precision == ("bf16-mixed" if native else "32-true")
 
 
 def test_eval_config_composes(tmp_path):

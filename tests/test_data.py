@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from herd.data.corpus import pydoc_documents, read_text_manifest, split_documents
+from herd.data.multimodal import translation_examples
+from herd.data.numbers import translation_documents
 from herd.data.packing import pack_documents
+from herd.data.splits import hash_split
 from herd.data.text import TextDataModule
 from herd.data.tokenizer import BOS, EOS, ByteTokenizer, load_tokenizer
 from herd.errors import ConfigError, DataError
@@ -195,6 +198,30 @@ def test_passkey_documents_join_the_training_split_only():
     assert mixed.documents["val"] == plain.documents["val"]
     text = mixed.tokenizer.decode(mixed.documents["train"][-1])
     assert "What is the pass key? The pass key is" in text
+
+
+def test_number_documents_hold_training_phrases_only():
+    """The language stage's number-phrase documents never show a phrase the fusion stage
+    holds out (its translation val/test split), and join the training split only."""
+    held_out = {
+        ex.prompt
+        for split in ("val", "test")
+        for ex in translation_examples(6000, seed=0, split=split)
+    }
+    docs = translation_documents(200, seed=0)
+    lines = [line for doc in docs for line in doc.splitlines()]
+    prompts, german = lines[0::2], lines[1::2]
+    assert len(docs) == 200 and len(lines) == 200 * 8 * 2
+    assert all(p.startswith("translate into german: ") for p in prompts)
+    assert held_out and not held_out & set(prompts)
+    assert all(g and g == g.lower() for g in german)
+    assert hash_split("drei vier", 0.1, 0.1) == hash_split("drei vier", 0.1, 0.1)
+    plain = TextDataModule(tokenizer="herd_bpe", seq_len=256, source="pydoc")
+    mixed = TextDataModule(tokenizer="herd_bpe", seq_len=256, source="pydoc", number_docs=30)
+    plain.setup("fit")
+    mixed.setup("fit")
+    assert len(mixed.documents["train"]) == len(plain.documents["train"]) + 30
+    assert mixed.documents["test"] == plain.documents["test"]
 
 
 def test_undecodable_manifest_line_is_named_or_skipped(tmp_path):

@@ -34,7 +34,7 @@ from herd.utils.run import write_metrics_json
 # Each stage: the experiment it runs and what the recipe changes (on 2 CPU cores the four
 # stages together take about 24 minutes).
 STAGES: dict[str, list[str]] = {
-    "language": [],  # herd-train's default job: the small Llama on the embedded English text
+    "language": ["experiment=language_digits"],  # prose + number phrases, bf16 where native
     "vision": ["experiment=vision_digits"],
     "speech": ["experiment=speech_digits"],
     "fusion": ["experiment=fusion_digits"],

@@ -14,10 +14,10 @@ from __future__ import annotations
 import ast
 import functools
 import sysconfig
-import zlib
 from pathlib import Path
 
 from herd.data.manifest import read_jsonl_manifest
+from herd.data.splits import hash_split
 
 MIN_DOC_CHARS = 400  # shorter paragraphs are merged with the next one
 MIN_DOCSTRING_CHARS = 200  # one-line docstrings say little English
@@ -86,11 +86,7 @@ def split_documents(
     """Deterministic split by a hash of each document's text (stable across runs and machines)."""
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for doc in docs:
-        u = zlib.crc32(doc.encode("utf-8")) / 2**32
-        split = (
-            "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
-        )
-        splits[split].append(doc)
+        splits[hash_split(doc, val_fraction, test_fraction)].append(doc)
     return splits
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from herd.data.audio import read_audio, speed_perturb
 from herd.data.images import digits_images, stratified_split
-from herd.data.numbers import make_phrases, number_to_english
+from herd.data.numbers import TRANSLATE_PROMPT, number_to_english, phrases_of_split
 from herd.data.packing import IGNORE_INDEX
 from herd.data.passkey import NEEDLE, REPEATED_FILLER
 from herd.data.sampling import draw_key, length_bucket_train_batches
@@ -60,7 +59,7 @@ PROMPTS = {
     "image": f"{IMAGE}which digit is this?",
     "asr": f"{SPEECH}transcribe the audio.",
     "st": f"{SPEECH}translate the audio into german.",
-    "mt": "translate into german: {text}",
+    "mt": TRANSLATE_PROMPT,
     "passkey": "{text}what is the pass key?",
 }
 
@@ -239,20 +238,11 @@ def mix_examples(
 # ----------------------------------------------------------------------------- text tasks
 
 
-def _split_of(key: str, val_fraction: float, test_fraction: float) -> str:
-    """A stable split from a content hash, so the same phrase is in the same split on every
-    machine and in every stage."""
-    u = zlib.crc32(key.encode()) / 2**32
-    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
-
-
-def translation_examples(n: int, seed: int, split: str, val_fraction=0.1, test_fraction=0.1):
+def translation_examples(n: int, seed: int, split: str) -> list[Example]:
     """English -> German number phrases; the split is decided by the English text."""
-    phrases = make_phrases(n, seed=seed)
     return [
         Example("mt", PROMPTS["mt"].format(text=p.english), p.german)
-        for p in phrases
-        if _split_of(p.english, val_fraction, test_fraction) == split
+        for p in phrases_of_split(n, seed, split)
     ]
 
 

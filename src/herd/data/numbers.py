@@ -19,7 +19,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from herd.data.splits import hash_split
+
 MIN_WORDS = 4  # BLEU's longest n-gram
+# Held-out phrases, by a hash of the English: the same in every stage, task and seed.
+PHRASE_VAL_FRACTION = PHRASE_TEST_FRACTION = 0.1
+# The English -> German instruction, worded alike wherever a model reads it.
+TRANSLATE_PROMPT = "translate into german: {text}"
 ENGLISH_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz' ")
 
 # ----------------------------------------------------------------------------- numbers
@@ -241,13 +247,42 @@ def make_phrases(n: int, seed: int = 0) -> list[Phrase]:
     return phrases
 
 
+def phrases_of_split(n: int, seed: int, split: str) -> list[Phrase]:
+    """The phrases of `make_phrases(n, seed)` that fall in `split`."""
+    return [
+        p
+        for p in make_phrases(n, seed=seed)
+        if hash_split(p.english, PHRASE_VAL_FRACTION, PHRASE_TEST_FRACTION) == split
+    ]
+
+
+def translation_documents(n_docs: int, seed: int, pairs_per_doc: int = 8) -> list[str]:
+    """Plain-text documents of English -> German instructions and their answers, from the
+    training phrases only: mixed into the language stage, they train the number words of both
+    languages before the fusion stage asks for them."""
+    pool = phrases_of_split(max(64, 2 * n_docs * pairs_per_doc), seed, "train")
+    rng = random.Random(seed)
+    return [
+        "\n".join(
+            f"{TRANSLATE_PROMPT.format(text=p.english)}\n{p.german}"
+            for p in rng.sample(pool, min(pairs_per_doc, len(pool)))
+        )
+        for _ in range(n_docs)
+    ]
+
+
 __all__ = [
     "ENGLISH_CHARACTERS",
     "MIN_WORDS",
+    "PHRASE_TEST_FRACTION",
+    "PHRASE_VAL_FRACTION",
+    "TRANSLATE_PROMPT",
     "Phrase",
     "digits_to_english",
     "digits_to_german",
     "make_phrases",
+    "phrases_of_split",
+    "translation_documents",
     "number_to_english",
     "number_to_german",
 ]

@@ -45,12 +45,11 @@ from herd.data.multimodal import (
     IMAGE,
     SPEECH,
     ChatDataModule,
-    _split_of,
     chat_ids,
     prompt_ids,
     speech_examples,
 )
-from herd.data.numbers import make_phrases, number_to_english
+from herd.data.numbers import number_to_english, phrases_of_split
 from herd.data.passkey import NEEDLE
 from herd.data.sampling import length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
@@ -136,11 +135,7 @@ def load_sources(
     spoken = (
         speech_examples(speech_manifest or DIGITS_MANIFEST, split, ("asr",)) if with_speech else []
     )
-    phrases = [
-        (p.english, p.german)
-        for p in make_phrases(passages, seed=split_seed)
-        if _split_of(p.english, 0.1, 0.1) == split
-    ]
+    phrases = [(p.english, p.german) for p in phrases_of_split(passages, split_seed, split)]
     return Sources(
         paragraphs=paragraphs,
         images=torch.stack([images[i] / 127.5 - 1.0 for i in index]),

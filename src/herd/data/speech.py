@@ -16,7 +16,6 @@ is skipped and counted in a warning.
 from __future__ import annotations
 
 import re
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from herd.data.audio import SAMPLE_RATE, audio_duration, read_audio, speed_perturb
 from herd.data.manifest import read_jsonl_manifest
 from herd.data.sampling import draw_key, length_bucket_train_batches
+from herd.data.splits import SPLITS, hash_split
 from herd.errors import ConfigError
 from herd.utils.rng import sample_rng
 
 DIGITS_MANIFEST = Path(__file__).resolve().parents[1] / "assets" / "speech" / "manifest.jsonl"
 SOURCES = ("digits", "manifest")
-SPLITS = ("train", "val", "test")
 
 
 class CharVocabulary:
@@ -124,8 +123,7 @@ def split_of(clip: Clip, val_fraction: float, test_fraction: float) -> str:
     """The manifest's split, or a stable hash of the file path."""
     if clip.split:
         return clip.split
-    u = zlib.crc32(clip.audio.encode("utf-8")) / 2**32
-    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+    return hash_split(clip.audio, val_fraction, test_fraction)
 
 
 class ClipDataset(Dataset):

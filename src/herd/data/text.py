@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from herd.data.corpus import CORPORA, read_text_manifest, split_documents
+from herd.data.numbers import translation_documents
 from herd.data.packing import IGNORE_INDEX, PackedDataset, StagedPackedStream
 from herd.data.passkey import passkey_training_documents
 from herd.data.sampling import resumable_train_sampler
@@ -32,6 +33,7 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         context_stages: list | None = None,
         passkey_docs: int = 0,
+        number_docs: int = 0,
         whole_documents: bool = False,
     ):
         super().__init__()
@@ -68,6 +70,14 @@ class TextDataModule(L.LightningDataModule):
         splits = split_documents(self._texts(), hp.val_fraction, hp.test_fraction)
         for name, texts in splits.items():
             self.documents[name] = [self.tokenizer.encode(t, bos=True, eos=True) for t in texts]
+        if hp.number_docs:
+            # English -> German number phrases (held-out phrases never), so the number words
+            # the fusion stage reads and writes arrive trained; training only, so held-out
+            # loss stays plain prose.
+            self.documents["train"] += [
+                self.tokenizer.encode(t, bos=True, eos=True)
+                for t in translation_documents(hp.number_docs, hp.seed)
+            ]
         if hp.passkey_docs:
             # Retrieval practice mixed into training only, so held-out loss stays plain prose.
             self.documents["train"] += passkey_training_documents(

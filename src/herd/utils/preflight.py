@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from herd.errors import ConfigError
@@ -23,6 +24,24 @@ OPTIONAL_PACKAGES = {
     "deepspeed": ("deepspeed", "pip install -e '.[deepspeed]'"),
     "transformer-engine": ("transformer_engine", "pip install -e '.[fp8]' on the CUDA machine"),
 }
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 matmuls natively: a CUDA GPU with bf16 support, or
+    a CPU with AVX-512 BF16 or AMX (elsewhere bf16 is emulated and slower than fp32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no way to tell, so no bf16
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# precision=auto: bf16 autocast where native, else fp32 (see configs/precision/auto.yaml)
+OmegaConf.register_new_resolver(
+    "herd_auto_precision", lambda: "bf16-mixed" if native_bf16() else "32-true", replace=True
+)
 
 
 def _name(option) -> str:
