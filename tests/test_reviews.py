@@ -151,6 +151,7 @@ TINY_REVIEWS = [
     "data.test_per_task=2",
     "data.batch_size=2",
     "data.tokens_per_batch=null",
+    "data.weights={figure: 1.0, transcribe: 1.0, translate: 1.0, passkey: 1.0}",
     "trainer.max_steps=4",
     "trainer.val_check_interval=4",
     "trainer.log_every_n_steps=1",
