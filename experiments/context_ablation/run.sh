@@ -23,8 +23,9 @@ fi
 stages=${STAGES:-$study/stages}
 .venv/bin/herd-recipe --run-dir "$stages"
 fusion=$(ls "$stages"/fusion/checkpoints/step*.ckpt | tail -n 1)
-# seeds outermost: the jobs run seed by seed, both arms each
-.venv/bin/herd-train -m seed=1,2,3 experiment=$arms "${extra[@]}" model.init_from="$fusion" \
+# seeds outermost: the jobs run seed by seed, both arms each; `++` because a multirun first
+# composes without the experiment, whose model has no init_from
+.venv/bin/herd-train -m seed=1,2,3 experiment=$arms "${extra[@]}" ++model.init_from="$fusion" \
     trainer.enable_progress_bar=false hydra.sweep.dir=$runs auto_resume=true
 # the fusion checkpoints are large; the results are the metrics, configs, events, answers
 rm -rf "$runs"/*/checkpoints
