@@ -38,14 +38,13 @@ from herd.data.packing import IGNORE_INDEX
 from herd.data.passkey import NEEDLE, REPEATED_FILLER
 from herd.data.sampling import draw_key, length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
-from herd.data.tokenizer import Tokenizer
+from herd.data.tokenizer import IMAGE, SPEECH, Tokenizer
 from herd.errors import ConfigError, DataError
 from herd.utils.config import plain
 from herd.utils.rng import sample_rng
 
 log = logging.getLogger(__name__)
 
-IMAGE, SPEECH = "<|image|>", "<|speech|>"
 TASKS = ("image", "asr", "st", "mt", "passkey")
 # What each task's answer is scored with (see herd.systems.fusion).
 TASK_METRIC = {
@@ -109,12 +108,7 @@ def prompt_ids(
 def chat_ids(user_ids: list[int], answer: str, tokenizer: Tokenizer) -> dict:
     """One user turn (already tokenized) and the assistant's answer in the chat format ->
     {"input_ids", "labels" (next-token targets, answer only), "prompt_len"}."""
-    special = tokenizer.special_ids
-    start, end, eot = special["<|start_header_id|>"], special["<|end_header_id|>"], tokenizer.eot_id
-
-    def header(role: str) -> list[int]:
-        return [start, *tokenizer.encode(role), end, *tokenizer.encode("\n\n")]
-
+    header, eot = tokenizer.header_ids, tokenizer.eot_id
     context = [tokenizer.bos_id, *header("user"), *user_ids, eot, *header("assistant")]
     answer_ids = [*tokenizer.encode(answer), eot]
     # next-token labels: the last context token predicts the first answer token, ...,

@@ -41,19 +41,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from herd.data.audio import SAMPLE_RATE
 from herd.data.corpus import pydoc_documents, split_documents
 from herd.data.images import digits_images, stratified_split
-from herd.data.multimodal import (
-    IMAGE,
-    SPEECH,
-    ChatDataModule,
-    chat_ids,
-    prompt_ids,
-    speech_examples,
-)
+from herd.data.multimodal import ChatDataModule, chat_ids, prompt_ids, speech_examples
 from herd.data.numbers import number_to_english, phrases_of_split
 from herd.data.passkey import NEEDLE
 from herd.data.sampling import length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
-from herd.data.tokenizer import Tokenizer
+from herd.data.tokenizer import IMAGE, SPEECH, Tokenizer
 from herd.errors import ConfigError, DataError
 from herd.utils.config import plain
 

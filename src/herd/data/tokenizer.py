@@ -20,17 +20,11 @@ from herd.errors import ConfigError
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 PAD = "<|finetune_right_pad_id|>"
+START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
+# where an image / a clip's speech embeddings go in a prompt (<|image|> is Llama 3.2's)
+IMAGE, SPEECH = "<|image|>", "<|speech|>"
 # Llama 3's reserved tokens that herd's formats use, plus herd's speech placeholder.
-SPECIAL_TOKENS = [
-    BOS,
-    EOS,
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    EOT,
-    PAD,
-    "<|image|>",
-    "<|speech|>",
-]
+SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, PAD, IMAGE, SPEECH]
 BUNDLED = {"herd_bpe": "python_docs_bpe_4k.json"}
 
 # Meta's tokenizer.model: the pre-tokenisation pattern and the layout of the 256 special ids
@@ -47,8 +41,8 @@ LLAMA3_SPECIAL_NAMES = [
     "<|reserved_special_token_1|>",
     PAD,
     "<|reserved_special_token_2|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
+    START_HEADER,
+    END_HEADER,
     "<|eom_id|>",
     EOT,
     "<|python_tag|>",
@@ -92,14 +86,23 @@ class Tokenizer:
         """Llama 3 chat format:
         <|begin_of_text|>(<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>)*
         followed, for generation, by an open assistant header."""
-        start, end = self.special_ids["<|start_header_id|>"], self.special_ids["<|end_header_id|>"]
         ids = [self.bos_id]
         for message in messages:
-            ids += [start, *self._encode(message["role"]), end, *self._encode("\n\n")]
-            ids += [*self._encode(message["content"].strip()), self.eot_id]
+            ids += [*self.header_ids(message["role"]), *self._encode(message["content"].strip())]
+            ids.append(self.eot_id)
         if add_generation_prompt:
-            ids += [start, *self._encode("assistant"), end, *self._encode("\n\n")]
+            ids += self.header_ids("assistant")
         return ids
+
+    def header_ids(self, role: str) -> list[int]:
+        """<|start_header_id|>{role}<|end_header_id|>\n\n: what opens each turn."""
+        special = self.special_ids
+        return [
+            special[START_HEADER],
+            *self._encode(role),
+            special[END_HEADER],
+            *self._encode("\n\n"),
+        ]
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError

@@ -14,7 +14,7 @@ from torchmetrics.text import SacreBLEUScore, WordErrorRate
 
 from herd.data.audio import SpecAugment
 from herd.data.multimodal import TASK_METRIC, TASKS
-from herd.data.tokenizer import load_tokenizer
+from herd.data.tokenizer import IMAGE, SPEECH, load_tokenizer
 from herd.errors import ConfigError
 from herd.models.fusion import build_fusion_model
 from herd.models.llama import Llama
@@ -135,8 +135,8 @@ class FusionSystem(HerdSystem):
         special = self.tokenizer.special_ids
         self.model = build_fusion_model(
             decoder,
-            image_token_id=special["<|image|>"],
-            speech_token_id=special["<|speech|>"],
+            image_token_id=special[IMAGE],
+            speech_token_id=special[SPEECH],
             image_encoder=image_encoder,
             speech_encoder=speech_encoder,
             cross_attention_every=cross_attention_every,
