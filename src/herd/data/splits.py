@@ -10,8 +10,8 @@ SPLITS = ("train", "val", "test")
 
 
 def hash_split(key: str, val_fraction: float, test_fraction: float) -> str:
-    """ "test" for the first `test_fraction` of the crc32 range, "val" for the next
-    `val_fraction`, "train" for the rest."""
+    """The split of `key`: "test" for the first `test_fraction` of the crc32 range, "val"
+    for the next `val_fraction`, "train" for the rest."""
     u = zlib.crc32(key.encode("utf-8")) / 2**32
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
