@@ -6,8 +6,6 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from herd.data.audio import SAMPLE_RATE
-
 
 class FusionSamples(L.Callback):
     """`samples/answers` (a Markdown table), `samples/image_{task}_{i}` and
@@ -42,7 +40,7 @@ class FusionSamples(L.Callback):
                         f"samples/audio_{p['task']}_{i}",
                         p["audio"][None],
                         global_step=step,
-                        sample_rate=SAMPLE_RATE,
+                        sample_rate=pl_module.model.speech_encoder.config.sample_rate,
                     )
         for logger in loggers:
             logger.experiment.add_text(

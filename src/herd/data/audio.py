@@ -16,8 +16,10 @@ import torchaudio
 from torch import nn
 
 from herd.errors import ConfigError
+from herd.models.speech import SpeechEncoderConfig
 
-SAMPLE_RATE = 16_000
+# the rate the speech encoder reads (its config is the one home of this number)
+SAMPLE_RATE = SpeechEncoderConfig.sample_rate
 
 
 def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:

@@ -37,9 +37,9 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from herd.data.audio import SAMPLE_RATE
 from herd.data.numbers import make_phrases
 
-SAMPLE_RATE = 16_000
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "speech"
 
 # voice -> clips. Accents: en (British), en-us, en-gb-x-rp, en-gb-x-gbclan (Lancaster),
