@@ -28,6 +28,9 @@ from herd.errors import ConfigError
 # ----------------------------------------------------------------------------- config
 
 
+ORIGINAL_CONTEXT = 8192  # Llama 3 pre-training context; RoPE is scaled beyond it.
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 ("llama3") frequency scaling used to stretch RoPE past the original context."""
@@ -35,7 +38,7 @@ class RopeScaling:
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_seq_len: int = 8192
+    original_max_seq_len: int = ORIGINAL_CONTEXT
     rope_type: str = "llama3"
 
     def __post_init__(self) -> None:
@@ -141,7 +144,6 @@ class LlamaConfig:
         return 6 * matmul + 12 * self.n_layers * self.dim * seq_len
 
 
-ORIGINAL_CONTEXT = 8192  # Llama 3 pre-training context; RoPE is scaled beyond it.
 LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
 
 # Release flavors follow the published configs; the small ones are for CPU work and tests.

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from herd.errors import ConfigError
-from herd.models.llama import Llama, LlamaConfig, RopeScaling
+from herd.models.llama import ORIGINAL_CONTEXT, Llama, LlamaConfig, RopeScaling
 
 HF_INDEX = "model.safetensors.index.json"
 
@@ -66,7 +66,7 @@ def config_from_hf(path: Path) -> LlamaConfig:
             ffn_dim=hf["intermediate_size"],
             norm_eps=hf.get("rms_norm_eps", 1e-5),
             rope_theta=theta,
-            max_seq_len=hf.get("max_position_embeddings", 8192),
+            max_seq_len=hf.get("max_position_embeddings", ORIGINAL_CONTEXT),
             rope_scaling=scaling,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             flavor=f"hf:{path.name}",
@@ -151,7 +151,7 @@ def config_from_meta(path: Path, vocab_size: int) -> LlamaConfig:
             ffn_dim=ffn,
             norm_eps=p.get("norm_eps", 1e-5),
             rope_theta=float(p.get("rope_theta", 500_000.0)),
-            max_seq_len=131_072 if scaled else 8192,
+            max_seq_len=131_072 if scaled else ORIGINAL_CONTEXT,
             rope_scaling=RopeScaling(factor=float(p.get("rope_scaling_factor", 8.0)))
             if scaled
             else None,
