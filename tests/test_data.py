@@ -189,20 +189,28 @@ def test_corrupt_tokenizer_model_is_named(tmp_path):
         load_tokenizer(str(bad))
 
 
-def test_passkey_documents_join_the_training_split_only():
+@pytest.mark.parametrize(
+    "extra, marker",
+    [
+        ({"passkey_docs": 50}, "What is the pass key? The pass key is"),
+        ({"number_docs": 30}, "translate into german: "),
+    ],
+)
+def test_extra_documents_join_the_training_split_only(extra, marker):
     plain = TextDataModule(tokenizer="herd_bpe", seq_len=256, source="pydoc")
-    mixed = TextDataModule(tokenizer="herd_bpe", seq_len=256, source="pydoc", passkey_docs=50)
+    mixed = TextDataModule(tokenizer="herd_bpe", seq_len=256, source="pydoc", **extra)
     plain.setup("fit")
     mixed.setup("fit")
-    assert len(mixed.documents["train"]) == len(plain.documents["train"]) + 50
+    added = next(iter(extra.values()))
+    assert len(mixed.documents["train"]) == len(plain.documents["train"]) + added
     assert mixed.documents["val"] == plain.documents["val"]
-    text = mixed.tokenizer.decode(mixed.documents["train"][-1])
-    assert "What is the pass key? The pass key is" in text
+    assert mixed.documents["test"] == plain.documents["test"]
+    assert marker in mixed.tokenizer.decode(mixed.documents["train"][-1])
 
 
 def test_number_documents_hold_training_phrases_only():
     """The language stage's number-phrase documents never show a phrase the fusion stage
-    holds out (its translation val/test split), and join the training split only."""
+    holds out (its translation val/test split)."""
     held_out = {
         ex.prompt
         for split in ("val", "test")
@@ -215,13 +223,13 @@ def test_number_documents_hold_training_phrases_only():
     assert all(p.startswith("translate into german: ") for p in prompts)
     assert held_out and not held_out & set(prompts)
     assert all(g and g == g.lower() for g in german)
-    assert hash_split("drei vier", 0.1, 0.1) == hash_split("drei vier", 0.1, 0.1)
-    plain = TextDataModule(tokenizer="herd_bpe", seq_len=256, source="pydoc")
-    mixed = TextDataModule(tokenizer="herd_bpe", seq_len=256, source="pydoc", number_docs=30)
-    plain.setup("fit")
-    mixed.setup("fit")
-    assert len(mixed.documents["train"]) == len(plain.documents["train"]) + 30
-    assert mixed.documents["test"] == plain.documents["test"]
+
+
+def test_hash_split_gives_the_asked_fractions():
+    splits = [hash_split(f"phrase {i}", 0.1, 0.2) for i in range(20_000)]
+    assert splits.count("test") / len(splits) == pytest.approx(0.2, abs=0.02)
+    assert splits.count("val") / len(splits) == pytest.approx(0.1, abs=0.02)
+    assert hash_split("phrase 7", 0.1, 0.2) == splits[7]
 
 
 def test_undecodable_manifest_line_is_named_or_skipped(tmp_path):
