@@ -194,6 +194,7 @@ def test_corrupt_tokenizer_model_is_named(tmp_path):
     [
         ({"passkey_docs": 50}, "What is the pass key? The pass key is"),
         ({"number_docs": 30}, "translate into german: "),
+        ({"lookup_docs": 30}, "into german.\n"),
     ],
 )
 def test_extra_documents_join_the_training_split_only(extra, marker):

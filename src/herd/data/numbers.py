@@ -26,6 +26,10 @@ MIN_WORDS = 4  # BLEU's longest n-gram
 PHRASE_VAL_FRACTION = PHRASE_TEST_FRACTION = 0.1
 # The English -> German instruction, worded alike wherever a model reads it.
 TRANSLATE_PROMPT = "translate into german: {text}"
+# A numbered passage and the question that asks for it by number, worded alike in the
+# language stage's lookup documents and in the review documents (herd.data.reviews).
+PASSAGE = "passage {number}: {text}."
+PASSAGE_QUESTION = "translate passage {number} into german."
 ENGLISH_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz' ")
 
 # ----------------------------------------------------------------------------- numbers
@@ -271,9 +275,31 @@ def translation_documents(n_docs: int, seed: int, pairs_per_doc: int = 8) -> lis
     ]
 
 
+def passage_lookup_documents(
+    n_docs: int, seed: int, passages_per_doc: tuple[int, int] = (2, 6)
+) -> list[str]:
+    """Plain-text documents of numbered English passages, then a question for each passage
+    in shuffled order, answered by its German (training phrases only): finding a passage
+    by its number and translating it is what the review documents' translation questions
+    ask, practised on text in the language stage."""
+    lo, hi = passages_per_doc
+    pool = phrases_of_split(max(64, 2 * n_docs * hi), seed, "train")
+    rng = random.Random(seed + 1)  # other draws than translation_documents(n, seed)
+    docs = []
+    for _ in range(n_docs):
+        passages = rng.sample(pool, rng.randint(lo, hi))
+        lines = [PASSAGE.format(number=k + 1, text=p.english) for k, p in enumerate(passages)]
+        for k in rng.sample(range(len(passages)), len(passages)):
+            lines += [PASSAGE_QUESTION.format(number=k + 1), passages[k].german]
+        docs.append("\n".join(lines))
+    return docs
+
+
 __all__ = [
     "ENGLISH_CHARACTERS",
     "MIN_WORDS",
+    "PASSAGE",
+    "PASSAGE_QUESTION",
     "PHRASE_TEST_FRACTION",
     "PHRASE_VAL_FRACTION",
     "Phrase",
@@ -283,6 +309,7 @@ __all__ = [
     "make_phrases",
     "number_to_english",
     "number_to_german",
+    "passage_lookup_documents",
     "phrases_of_split",
     "translation_documents",
 ]

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from herd.data.corpus import CORPORA, read_text_manifest, split_documents
-from herd.data.numbers import translation_documents
+from herd.data.numbers import passage_lookup_documents, translation_documents
 from herd.data.packing import IGNORE_INDEX, PackedDataset, StagedPackedStream
 from herd.data.passkey import passkey_training_documents
 from herd.data.sampling import resumable_train_sampler
@@ -34,6 +34,7 @@ class TextDataModule(L.LightningDataModule):
         context_stages: list | None = None,
         passkey_docs: int = 0,
         number_docs: int = 0,
+        lookup_docs: int = 0,
         whole_documents: bool = False,
     ):
         super().__init__()
@@ -77,6 +78,13 @@ class TextDataModule(L.LightningDataModule):
             self.documents["train"] += [
                 self.tokenizer.encode(t, bos=True, eos=True)
                 for t in translation_documents(hp.number_docs, hp.seed)
+            ]
+        if hp.lookup_docs:
+            # numbered passages asked for by number: in-context lookup, which the review
+            # documents' translation questions need (training phrases only, as above)
+            self.documents["train"] += [
+                self.tokenizer.encode(t, bos=True, eos=True)
+                for t in passage_lookup_documents(hp.lookup_docs, hp.seed)
             ]
         if hp.passkey_docs:
             # Retrieval practice mixed into training only, so held-out loss stays plain prose.
