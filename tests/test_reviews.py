@@ -102,6 +102,39 @@ def test_test_documents_are_fixed_by_the_split_seed_not_the_training_seed(review
     ]
 
 
+def test_training_documents_can_ask_about_every_item(reviews):
+    """train_questions=all: a turn per item of a trained task, each answer supervised, the
+    count of tokens exact; test documents stay the one-question documents of `one`."""
+    every = small_reviews(
+        seed=1,
+        train_questions="all",
+        weights={"passkey": 0.0, "figure": 1.0, "translate": 1.0, "transcribe": 1.0},
+    )
+    one = small_reviews(
+        seed=1, weights={"passkey": 0.0, "figure": 1.0, "translate": 1.0, "transcribe": 1.0}
+    )
+    assert [(d.answer, d.tokens) for d in every.datasets["test"].documents] == [
+        (d.answer, d.tokens) for d in one.datasets["test"].documents
+    ]
+    train = every.datasets["train"]
+    eot = TOKENIZER.eot_id
+    for i, doc in enumerate(train.documents):
+        items = [s for s in doc.segments if s.kind in ("figure", "recording", "passage")]
+        assert len(doc.followups) == len(items) - 1 >= 2  # one figure, recording, passage at least
+        full = train[(i, 10**6)]
+        assert len(full["input_ids"]) == doc.tokens
+        answers = [doc.answer, *(a for _, a in doc.followups)]
+        labels = full["labels"]
+        expected = [t for a in answers for t in [*TOKENIZER.encode(a), eot]]
+        assert [y for y in labels if y != IGNORE_INDEX] == expected
+        # each follow-up question sits in its own user turn, right before its answer
+        text = TOKENIZER.decode(full["input_ids"])
+        for q, a in doc.followups:
+            assert text.index(TOKENIZER.decode(list(q))) < text.rindex(a)
+    # the answer tokens per batch the fusion system weighs its loss by count them all
+    assert every.answer_tokens_per_batch > 2 * one.answer_tokens_per_batch
+
+
 def test_a_cut_document_keeps_its_question_and_media_match_placeholders(reviews):
     test = reviews.datasets["test"]
     special = TOKENIZER.special_ids

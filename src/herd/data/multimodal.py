@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -105,19 +105,28 @@ def prompt_ids(
     return ids
 
 
-def chat_ids(user_ids: list[int], answer: str, tokenizer: Tokenizer) -> dict:
-    """One user turn (already tokenized) and the assistant's answer in the chat format ->
-    {"input_ids", "labels" (next-token targets, answer only), "prompt_len"}."""
+def chat_ids(
+    user_ids: list[int],
+    answer: str,
+    tokenizer: Tokenizer,
+    more_turns: Sequence[tuple[Sequence[int], str]] = (),
+) -> dict:
+    """A user turn (already tokenized) and the assistant's answer in the chat format, then
+    any `more_turns` (user ids, answer) -> {"input_ids", "labels" (next-token targets,
+    answers only), "prompt_len" (the tokens before the first answer)}."""
     header, eot = tokenizer.header_ids, tokenizer.eot_id
-    context = [tokenizer.bos_id, *header("user"), *user_ids, eot, *header("assistant")]
-    answer_ids = [*tokenizer.encode(answer), eot]
-    # next-token labels: the last context token predicts the first answer token, ...,
-    # the last answer token predicts <|eot_id|>, and <|eot_id|> itself predicts nothing
-    return {
-        "input_ids": context + answer_ids,
-        "labels": [IGNORE_INDEX] * (len(context) - 1) + answer_ids + [IGNORE_INDEX],
-        "prompt_len": len(context),
-    }
+    input_ids, is_answer = [tokenizer.bos_id], [False]
+    prompt_len = 0
+    for user, text in [(user_ids, answer), *more_turns]:
+        context = [*header("user"), *user, eot, *header("assistant")]
+        answer_ids = [*tokenizer.encode(text), eot]
+        input_ids += context + answer_ids
+        is_answer += [False] * len(context) + [True] * len(answer_ids)
+        prompt_len = prompt_len or len(input_ids) - len(answer_ids)
+    # next-token labels: the token before an answer predicts its first token, ..., its last
+    # token predicts <|eot_id|>, and <|eot_id|> itself predicts nothing
+    labels = [t if a else IGNORE_INDEX for t, a in zip(input_ids[1:], is_answer[1:], strict=True)]
+    return {"input_ids": input_ids, "labels": [*labels, IGNORE_INDEX], "prompt_len": prompt_len}
 
 
 def encode_example(

@@ -32,7 +32,7 @@ import math
 import random
 import zlib
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from herd.data.audio import SAMPLE_RATE
 from herd.data.corpus import pydoc_documents, split_documents
 from herd.data.images import digits_images, stratified_split
 from herd.data.multimodal import ChatDataModule, chat_ids, prompt_ids, speech_examples
-from herd.data.numbers import number_to_english, phrases_of_split
+from herd.data.numbers import PASSAGE, PASSAGE_QUESTION, number_to_english, phrases_of_split
 from herd.data.passkey import NEEDLE
 from herd.data.sampling import length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
@@ -60,6 +60,14 @@ REVIEW_TASK_METRIC = {
     "passkey": "passkey_acc",
 }
 TRUNCATION_POLICIES = ("drop_front", "error")
+# the task that asks about each kind of item
+TASK_OF_ITEM = {
+    "figure": "figure",
+    "recording": "transcribe",
+    "passage": "translate",
+    "passkey": "passkey",
+    "prose": None,
+}
 GAP_SECONDS = 0.3  # silence between the remarks of one recording
 
 
@@ -83,6 +91,9 @@ class ReviewDocument:
     question: array  # token ids of the question
     answer: str
     evidence: int  # index of the segment holding the evidence
+    followups: list[tuple[array, str]] = field(
+        default_factory=list
+    )  # more (question, answer) turns
     tokens: int = 0  # of the whole chat-encoded sample, before any cut
     evidence_distance: int = 0  # tokens from the evidence segment to the prompt's end
 
@@ -173,8 +184,27 @@ class DocumentMaker:
             clips.append(rng.randrange(len(self.sources.clips)))
         return tuple(clips)
 
-    def make(self, rng: random.Random, task: str | None = None) -> ReviewDocument:
-        """One document; its question's task drawn by `weights` unless given."""
+    def _question(self, items: list[Segment], seg: Segment) -> tuple[str, str]:
+        """The question about item `seg` of a document's `items`, and its answer."""
+        src = self.sources
+        number = sum(s.kind == seg.kind for s in items[: items.index(seg) + 1])
+        if seg.kind == "figure":
+            return f"which digit does figure {number} show?", number_to_english(
+                src.labels[seg.item]
+            )
+        if seg.kind == "recording":
+            return f"transcribe recording {number}.", " ".join(
+                src.transcripts[c] for c in seg.clips
+            )
+        if seg.kind == "passage":
+            return PASSAGE_QUESTION.format(number=number), src.passages[seg.item][1]
+        return "what is the pass key?", str(seg.item)
+
+    def make(
+        self, rng: random.Random, task: str | None = None, all_questions: bool = False
+    ) -> ReviewDocument:
+        """One document; its question's task drawn by `weights` unless given. With
+        `all_questions`, further turns ask about every other item of a trained task."""
         src = self.sources
         if task is None:
             tasks = list(self.weights)
@@ -207,36 +237,31 @@ class DocumentMaker:
                 samples = src.recording_samples(seg.clips)
                 seg.ids = self._ids(f"recording {number}: {SPEECH}\n", (samples,))
             elif seg.kind == "passage":
-                seg.ids = self._ids(f"passage {number}: {src.passages[seg.item][0]}.\n")
+                text = PASSAGE.format(number=number, text=src.passages[seg.item][0])
+                seg.ids = self._ids(text + "\n")
             else:
                 seg.ids = self._ids(NEEDLE.format(key=seg.item) + "\n")
 
         # the question: about one item of its task's kind, drawn uniformly
-        kind = {"figure": "figure", "transcribe": "recording", "translate": "passage"}.get(
-            task, "passkey"
-        )
-        candidates = [k for k, seg in enumerate(items) if seg.kind == kind]
-        pick = rng.choice(candidates)
-        number = sum(seg.kind == kind for seg in items[: pick + 1])
-        seg = items[pick]
-        if task == "figure":
-            question, answer = (
-                f"which digit does figure {number} show?",
-                number_to_english(src.labels[seg.item]),
-            )
-        elif task == "transcribe":
-            question = f"transcribe recording {number}."
-            answer = " ".join(src.transcripts[c] for c in seg.clips)
-        elif task == "translate":
-            question = f"translate passage {number} into german."
-            answer = src.passages[seg.item][1]
-        else:
-            question, answer = "what is the pass key?", str(seg.item)
+        candidates = [k for k, seg in enumerate(items) if TASK_OF_ITEM[seg.kind] == task]
+        seg = items[rng.choice(candidates)]
+        question, answer = self._question(items, seg)
         question_ids = self._ids("\n" + question)
         answer_len = len(self.tokenizer.encode(answer)) + 1
+        # training documents may go on asking, one turn each, about every other item whose
+        # task is trained: more answers per document read for the same tokens
+        followups: list[tuple[array, str]] = []
+        if all_questions:
+            others = [s for s in items if s is not seg and TASK_OF_ITEM[s.kind] in self.weights]
+            for other in rng.sample(others, len(others)):
+                q, a = self._question(items, other)
+                followups.append((self._ids(q), a))
+        turn = self.frame - 1  # a further turn's frame: the chat's less its <bos>
+        more = sum(turn + len(q) + len(self.tokenizer.encode(a)) + 1 for q, a in followups)
 
         # prose around the items up to the target length
-        used = self.frame + len(question_ids) + answer_len + sum(len(s.ids) for s in items)
+        used = self.frame + len(question_ids) + answer_len + more
+        used += sum(len(s.ids) for s in items)
         prose: list[Segment] = []
         while used < target:
             text = rng.choice(src.paragraphs)
@@ -249,10 +274,10 @@ class DocumentMaker:
         for item in items:  # each item at a random place among the paragraphs, in order
             segments.insert(rng.randint(0, len(segments)), item)
         evidence = next(k for k, s in enumerate(segments) if s is seg)
-        doc = ReviewDocument(task, segments, question_ids, answer, evidence)
+        doc = ReviewDocument(task, segments, question_ids, answer, evidence, followups)
         before = self.user_start + sum(len(s.ids) for s in segments[:evidence])
         prompt_len = self.frame + sum(len(s.ids) for s in segments) + len(question_ids)
-        doc.tokens = prompt_len + answer_len
+        doc.tokens = prompt_len + answer_len + more
         doc.evidence_distance = prompt_len - before
         return doc
 
@@ -318,7 +343,7 @@ class ReviewDataset(Dataset):
             elif seg.kind == "recording":
                 audio.append(self.sources.recording(seg.clips))
         user += list(doc.question)
-        encoded = chat_ids(user, doc.answer, self.tokenizer)
+        encoded = chat_ids(user, doc.answer, self.tokenizer, doc.followups)
         return {
             **encoded,
             "task": doc.task,
@@ -361,6 +386,8 @@ class ReviewDataModule(ChatDataModule):
         tokens_per_batch: when set, the training batch size is chosen so that a batch holds
             this many tokens on average at this context (documents cut to it): runs at two
             contexts then train on the same number of tokens (`data/train_batch_size`).
+        train_questions: one (a training document asks one question, as a test document
+            does) | all (it goes on asking, a turn each, about every item of a trained task).
         evidence_far_tokens: metrics are also logged apart for answers whose evidence lies
             further back than this (`test/{metric}_far`) and within it (`_near`).
     """
@@ -381,6 +408,7 @@ class ReviewDataModule(ChatDataModule):
         tokens_per_batch: int | None = None,
         recording_seconds: list[float] | None = None,
         max_items: int = 3,
+        train_questions: str = "one",
         passages: int = 6000,
         evidence_far_tokens: int | None = 448,
         speech_manifest: str | None = None,
@@ -404,6 +432,10 @@ class ReviewDataModule(ChatDataModule):
             raise ConfigError(
                 f"data.weights names unknown tasks {sorted(unknown)}; review tasks are "
                 f"{list(REVIEW_TASKS)}."
+            )
+        if train_questions not in ("one", "all"):
+            raise ConfigError(
+                f"data.train_questions={train_questions!r} is not one of ['one', 'all']."
             )
         if truncation not in TRUNCATION_POLICIES:
             raise ConfigError(
@@ -469,19 +501,25 @@ class ReviewDataModule(ChatDataModule):
         if hp.tokens_per_batch:
             mean = sum(self.train_tokens) / max(1, len(train))
             self.train_batch_size = max(1, round(hp.tokens_per_batch / mean))
-        answers = sum(len(self.tokenizer.encode(d.answer)) + 1 for d in train)
+        answers = sum(
+            len(self.tokenizer.encode(a)) + 1
+            for d in train
+            for a in [d.answer, *(a for _, a in d.followups)]
+        )
         self.answer_tokens_per_batch = self.train_batch_size * answers / max(1, len(train))
         log.info("Review documents: %s", self.truncation_metrics())
 
     def _documents(self, maker: DocumentMaker, split: str) -> list[ReviewDocument]:
-        """Train: `train_docs` documents, tasks mixed by weight, drawn from the training seed;
+        """Train: `train_docs` documents, first tasks mixed by weight, drawn from the training seed;
         val/test: `*_per_task` per task from the split seed only (fixed across runs)."""
         hp = self.hparams
         base = hp.seed if split == "train" else hp.split_seed
         salt = zlib.crc32(split.encode())
         if split == "train":
+            every = hp.train_questions == "all"
             return [
-                maker.make(random.Random(base * 1_000_003 + salt + i)) for i in range(hp.train_docs)
+                maker.make(random.Random(base * 1_000_003 + salt + i), all_questions=every)
+                for i in range(hp.train_docs)
             ]
         per_task = hp.val_per_task if split == "val" else hp.test_per_task
         out: list[ReviewDocument] = []
