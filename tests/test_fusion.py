@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from herd.data.multimodal import Example, ExampleDataset, collate, encode_example
+from herd.data.chat import Example, collate, encode_example
+from herd.data.multimodal import ExampleDataset
 from herd.data.tokenizer import load_tokenizer
 from herd.models.fusion import FusionModel, build_fusion_model
 from herd.models.llama import Llama, LlamaConfig

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from herd.data.multimodal import IGNORE_INDEX, chat_ids
+from herd.data.chat import IGNORE_INDEX, chat_ids
 from herd.data.reviews import (
     REVIEW_TASKS,
     ReviewDataModule,

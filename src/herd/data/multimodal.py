@@ -1,13 +1,6 @@
-"""Interleaved image / speech / text samples for the fusion stage, in the Llama 3 chat format.
-
-Every sample is one user turn and one assistant answer:
-
-    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{prompt}<|eot_id|>
-    <|start_header_id|>assistant<|end_header_id|>\\n\\n{answer}<|eot_id|>
-
-where the prompt may hold `<|image|>` (the decoder's cross-attention layers see the image from
-there on) and `<|speech|>` (expanded to one placeholder per speech-adapter output, whose
-embeddings replace the placeholders'). The loss is on the answer and its <|eot_id|> only.
+"""Interleaved image / speech / text samples for the fusion stage, in the Llama 3 chat
+format (herd.data.chat), from the digits world or a user's chat manifest
+(herd.data.chat_manifest).
 
 Tasks on the embedded "digits" world (all real data shipped with the repo or a package):
   image   handwritten digit -> its English word            (metric: top1, exact match)
@@ -22,19 +15,18 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from herd.data.audio import read_audio, speed_perturb
+from herd.data.chat import IGNORE_INDEX, Example, collate, encode_example
+from herd.data.chat_manifest import read_chat_manifests
 from herd.data.images import digits_images, stratified_split
 from herd.data.numbers import TRANSLATE_PROMPT, number_to_english, phrases_of_split
-from herd.data.packing import IGNORE_INDEX
 from herd.data.passkey import NEEDLE, REPEATED_FILLER
 from herd.data.sampling import draw_key, length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
@@ -61,126 +53,6 @@ PROMPTS = {
     "mt": TRANSLATE_PROMPT,
     "passkey": "{text}what is the pass key?",
 }
-
-
-@dataclass
-class Example:
-    task: str
-    prompt: str  # IMAGE / SPEECH markers: one per image / clip, in order
-    answer: str
-    images: tuple[torch.Tensor, ...] = ()  # [C, H, W] each, as the image encoder expects
-    audio: tuple[torch.Tensor, ...] = ()  # [S] each, 16 kHz mono waveforms
-
-
-# ----------------------------------------------------------------------------- encoding
-
-
-def prompt_ids(
-    prompt: str,
-    tokenizer: Tokenizer,
-    clip_samples: list[int] | tuple[int, ...] = (),
-    speech_tokens: Callable[[int], int] | None = None,
-    task: str = "sample",
-) -> list[int]:
-    """A prompt with IMAGE / SPEECH markers -> token ids: one `<|image|>` per IMAGE, and the
-    k-th SPEECH becomes `speech_tokens(clip_samples[k])` placeholders (one per speech-adapter
-    output)."""
-    special = tokenizer.special_ids
-    pieces = prompt.split(SPEECH)
-    if len(pieces) - 1 != len(clip_samples):
-        raise ValueError(
-            f"A {task} prompt has {len(pieces) - 1} {SPEECH} marker(s) but "
-            f"{len(clip_samples)} audio clip(s)."
-        )
-    if clip_samples and speech_tokens is None:
-        raise ValueError(f"A {task} prompt has {SPEECH} but the model has no speech encoder.")
-    ids: list[int] = []
-    for i, piece in enumerate(pieces):
-        if i > 0:
-            ids += [special[SPEECH]] * speech_tokens(clip_samples[i - 1])
-        for j, text in enumerate(piece.split(IMAGE)):
-            if j > 0:
-                ids.append(special[IMAGE])
-            ids += tokenizer.encode(text) if text else []
-    return ids
-
-
-def chat_ids(
-    user_ids: list[int],
-    answer: str,
-    tokenizer: Tokenizer,
-    more_turns: Sequence[tuple[Sequence[int], str]] = (),
-) -> dict:
-    """A user turn (already tokenized) and the assistant's answer in the chat format, then
-    any `more_turns` (user ids, answer) -> {"input_ids", "labels" (next-token targets,
-    answers only), "prompt_len" (the tokens before the first answer)}."""
-    header, eot = tokenizer.header_ids, tokenizer.eot_id
-    input_ids, is_answer = [tokenizer.bos_id], [False]
-    prompt_len = 0
-    for user, text in [(user_ids, answer), *more_turns]:
-        context = [*header("user"), *user, eot, *header("assistant")]
-        answer_ids = [*tokenizer.encode(text), eot]
-        input_ids += context + answer_ids
-        is_answer += [False] * len(context) + [True] * len(answer_ids)
-        prompt_len = prompt_len or len(input_ids) - len(answer_ids)
-    # next-token labels: the token before an answer predicts its first token, ..., its last
-    # token predicts <|eot_id|>, and <|eot_id|> itself predicts nothing
-    labels = [t if a else IGNORE_INDEX for t, a in zip(input_ids[1:], is_answer[1:], strict=True)]
-    return {"input_ids": input_ids, "labels": [*labels, IGNORE_INDEX], "prompt_len": prompt_len}
-
-
-def encode_example(
-    example: Example,
-    tokenizer: Tokenizer,
-    speech_tokens: Callable[[int], int] | None = None,
-) -> dict:
-    """Example -> {"input_ids", "labels", "prompt_len"} in the chat format."""
-    clips = [a.shape[-1] for a in example.audio]
-    user = prompt_ids(example.prompt, tokenizer, clips, speech_tokens, example.task)
-    return chat_ids(user, example.answer, tokenizer)
-
-
-def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-pad text (pad_id / IGNORE_INDEX); stack each sample's images into [B, I, C, H, W]
-    with image_mask [B, I] and its clips into audio [B, K, S] with audio_lengths [B, K]
-    (zeros and 0 where a sample has fewer)."""
-    B, T = len(samples), max(len(s["input_ids"]) for s in samples)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    for b, s in enumerate(samples):
-        input_ids[b, : len(s["input_ids"])] = torch.tensor(s["input_ids"])
-        labels[b, : len(s["labels"])] = torch.tensor(s["labels"])
-    batch = {
-        "input_ids": input_ids,  # [B, T]
-        "labels": labels,  # [B, T]
-        "prompt_len": torch.tensor([s["prompt_len"] for s in samples]),  # [B]
-        "task": [s["task"] for s in samples],
-        "answer": [s["answer"] for s in samples],
-    }
-    extra = {k for s in samples for k in s} - {"input_ids", "labels", "prompt_len", "images"}
-    for key in sorted(extra - {"task", "answer", "audio"}):  # e.g. evidence_distance
-        batch[key] = [s.get(key) for s in samples]
-    n_images = max(len(s["images"]) for s in samples)
-    if n_images:
-        shape = next(im.shape for s in samples for im in s["images"])
-        images = torch.zeros(B, n_images, *shape)
-        image_mask = torch.zeros(B, n_images, dtype=torch.bool)
-        for b, s in enumerate(samples):
-            for i, image in enumerate(s["images"]):
-                images[b, i], image_mask[b, i] = image, True
-        batch["images"], batch["image_mask"] = images, image_mask  # [B, I, C, H, W], [B, I]
-    K = max(len(s["audio"]) for s in samples)
-    if K:
-        lengths = torch.zeros(B, K, dtype=torch.long)
-        for b, s in enumerate(samples):
-            for k, clip in enumerate(s["audio"]):
-                lengths[b, k] = clip.shape[-1]
-        audio = torch.zeros(B, K, int(lengths.max()))
-        for b, s in enumerate(samples):
-            for k, clip in enumerate(s["audio"]):
-                audio[b, k, : lengths[b, k]] = clip
-        batch["audio"], batch["audio_lengths"] = audio, lengths  # [B, K, S], [B, K]
-    return batch
 
 
 class ExampleDataset(Dataset):
@@ -353,6 +225,10 @@ class ChatDataModule(L.LightningDataModule):
 class FusionDataModule(ChatDataModule):
     """The five tasks of the digits world, mixed for training by `weights`; validation and
     test hold up to `val_per_task` / `test_per_task` examples of every task with weight > 0.
+    Or, with `source=manifest`, a user's chat manifest(s) (herd.data.chat_manifest):
+    `manifest` (training lines, and val/test lines by their `split` field),
+    `val_manifest`, `test_manifest`, each sample as given; `max_tokens` bounds a sample and
+    `skip_bad_samples` skips and counts bad lines instead of stopping.
     `speed_perturb` lists speed factors drawn per training clip ([] or null: none)."""
 
     def __init__(
@@ -369,10 +245,22 @@ class FusionDataModule(ChatDataModule):
         seed: int = 42,
         split_seed: int = 42,
         speed_perturb: list[float] | None = None,
+        source: str = "digits",
+        manifest: str | None = None,
+        val_manifest: str | None = None,
+        test_manifest: str | None = None,
+        skip_bad_samples: bool = False,
+        max_tokens: int = 2048,
     ):
         super().__init__()
         speed_perturb = [float(f) for f in plain(speed_perturb) or []]
         self.save_hyperparameters()
+        if source not in ("digits", "manifest"):
+            raise ConfigError(f"data.source={source!r} is unknown; use digits or manifest.")
+        if source == "manifest" and not manifest:
+            raise ConfigError(
+                "data.source=manifest needs data.manifest=PATH to a JSONL chat manifest."
+            )
         self.hparams.weights = {
             str(k): float(v) for k, v in (weights or dict.fromkeys(TASKS, 1.0)).items()
         }
@@ -385,14 +273,21 @@ class FusionDataModule(ChatDataModule):
 
     @property
     def tasks(self) -> tuple[str, ...]:
+        if self.hparams.source == "manifest":
+            return tuple(self.task_metric)
         return tuple(t for t in TASKS if self.hparams.weights.get(t, 0) > 0)
 
     def build_datasets(self) -> None:
         hp = self.hparams
-        by_split = {split: self._examples(split) for split in ("train", "val", "test")}
+        if hp.source == "manifest":
+            by_split = self._manifest_examples()
+        else:
+            by_split = {split: self._examples(split) for split in ("train", "val", "test")}
         rng = random.Random(hp.seed)
         for split, by_task in by_split.items():
-            if split == "train":
+            if hp.source == "manifest":  # the user's samples, as given
+                examples = [ex for exs in by_task.values() for ex in exs]
+            elif split == "train":
                 examples = mix_examples(by_task, hp.weights, hp.train_size, hp.seed)
             else:
                 cap = hp.val_per_task if split == "val" else hp.test_per_task
@@ -417,6 +312,27 @@ class FusionDataModule(ChatDataModule):
             "Fusion data: %s",
             ", ".join(f"{t}: {len(by_split['train'][t])} train" for t in self.tasks),
         )
+
+    def _manifest_examples(self) -> dict[str, dict[str, list[Example]]]:
+        """{split: {task: examples}} from the chat manifests; the tasks' metrics become this
+        data's `task_metric` ("{task}/{metric}", logged as test/{task}/{metric})."""
+        hp = self.hparams
+        files = {"train": hp.manifest, "val": hp.val_manifest, "test": hp.test_manifest}
+        by_split, metrics = read_chat_manifests(
+            files,
+            self.tokenizer,
+            self.speech_tokens,
+            self.image_size,
+            self.channels,
+            hp.max_tokens,
+            hp.skip_bad_samples,
+        )
+        self.task_metric = {t: f"{t}/{m}" for t, m in metrics.items() if m != "none"}
+        self.task_metric.update({t: None for t, m in metrics.items() if m == "none"})
+        return {
+            split: {t: [ex for ex in examples if ex.task == t] for t in metrics}
+            for split, examples in by_split.items()
+        }
 
     def _examples(self, split: str) -> dict[str, list[Example]]:
         hp, tasks = self.hparams, self.tasks
@@ -451,7 +367,8 @@ class FusionDataModule(ChatDataModule):
 
     def reference_metrics(self) -> dict[str, float]:
         """Trivial baselines on the test split: always answering the most common training
-        answer of each task (top1, passkey) and an empty answer (WER 1)."""
+        answer of each task (top1, passkey; a manifest's exact/top1 tasks) and an empty
+        answer (WER 1)."""
         from collections import Counter
 
         self.setup("fit")
@@ -459,10 +376,17 @@ class FusionDataModule(ChatDataModule):
         train = self.datasets["train"].examples
         out = {}
         for task in self.tasks:
-            common = Counter(ex.answer for ex in train if ex.task == task).most_common(1)[0][0]
+            common = Counter(ex.answer for ex in train if ex.task == task).most_common(1)
             answers = [ex.answer for ex in test if ex.task == task]
-            hits = sum(a == common for a in answers) / max(1, len(answers))
-            if task == "image":
+            hits = sum(a == common[0][0] for a in answers) / max(1, len(answers)) if common else 0.0
+            if self.hparams.source == "manifest":  # "{task}/{metric}", or None: loss only
+                name = self.task_metric[task]
+                kind = name and name.rsplit("/", 1)[-1]
+                if kind in ("exact", "top1"):
+                    out[f"test/{name}_majority"] = hits
+                elif kind == "wer":
+                    out[f"test/{name}_empty"] = 1.0
+            elif task == "image":
                 out["test/top1_majority"] = hits
             elif task == "passkey":
                 out["test/passkey_acc_majority"] = hits
@@ -472,15 +396,11 @@ class FusionDataModule(ChatDataModule):
 
 
 __all__ = [
-    "IGNORE_INDEX",
     "ChatDataModule",
     "TASKS",
     "TASK_METRIC",
-    "Example",
     "ExampleDataset",
     "FusionDataModule",
-    "collate",
-    "encode_example",
     "mix_examples",
     "passkey_examples",
     "translation_examples",

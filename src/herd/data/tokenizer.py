@@ -25,6 +25,9 @@ START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
 IMAGE, SPEECH = "<|image|>", "<|speech|>"
 # Llama 3's reserved tokens that herd's formats use, plus herd's speech placeholder.
 SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, PAD, IMAGE, SPEECH]
+# A released Llama 3 tokenizer has no <|speech|>, and only Llama 3.2 Vision's has <|image|>:
+# there they are reserved special tokens, whose rows the released embeddings already hold.
+RESERVED_FOR = {IMAGE: "<|reserved_special_token_10|>", SPEECH: "<|reserved_special_token_11|>"}
 BUNDLED = {"herd_bpe": "python_docs_bpe_4k.json"}
 
 # Meta's tokenizer.model: the pre-tokenisation pattern and the layout of the 256 special ids
@@ -147,6 +150,9 @@ class HFTokenizer(Tokenizer):
         if missing:
             raise ConfigError(f"Tokenizer {path} lacks the special token(s) {missing}.")
         self.special_ids = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
+        for token, reserved in RESERVED_FOR.items():
+            if token not in self.special_ids and reserved in vocab:
+                self.special_ids[token] = vocab[reserved]
         if PAD not in self.special_ids:  # Llama 3 pads with a reserved token; fall back to eos
             self.special_ids[PAD] = vocab[EOS]
 
@@ -180,8 +186,10 @@ class TiktokenTokenizer(Tokenizer):
             name=path.stem,
             pat_str=LLAMA3_PATTERN,
             mergeable_ranks=ranks,
-            special_tokens=self.special_ids,
+            special_tokens=dict(self.special_ids),
         )
+        for token, reserved in RESERVED_FOR.items():  # markers, never in text to encode
+            self.special_ids[token] = self.special_ids[reserved]
         self.vocab_size = n + LLAMA3_NUM_SPECIAL
         self.path = path
 

@@ -22,7 +22,7 @@ from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
 from herd.models.vision import ImageEncoder, ImageEncoderConfig, TanhGate
 from herd.systems.common import HerdSystem, load_system
 from herd.systems.finetune import apply_finetune_strategy
-from herd.systems.language import llama_config, with_context
+from herd.systems.language import llama_config, load_decoder, with_context
 from herd.systems.losses import chunked_cross_entropy
 from herd.utils.config import plain
 
@@ -45,9 +45,11 @@ class FusionSystem(HerdSystem):
     """Owns training only; the architecture is `herd.models.fusion.FusionModel` (self.model).
 
     Args:
-        language: {"checkpoint": a LanguageSystem .ckpt or null, "llama": flavor + overrides
-            (when built fresh; max_seq_len and rope_scaling, from context=, apply to a
-            checkpoint's decoder too), "tokenizer": spec (when built fresh)}.
+        language: {"checkpoint": a LanguageSystem .ckpt or null, "pretrained": a Llama 3.x
+            checkpoint directory (Hugging Face or Meta layout, with its tokenizer) or null,
+            "llama": flavor + overrides (when built fresh; max_seq_len and rope_scaling,
+            from context=, apply to a checkpoint's decoder too), "tokenizer": spec (when
+            built fresh)}.
         vision: {"checkpoint": a VisionSystem .ckpt or null, "encoder": ImageEncoderConfig
             fields (when built fresh)}, or null for no image encoder.
         speech: {"checkpoint": a SpeechSystem .ckpt or null, "encoder": SpeechEncoderConfig
@@ -109,6 +111,9 @@ class FusionSystem(HerdSystem):
             tokenizer_spec = language["tokenizer"]
             decoder = Llama(llama_config(language["llama"], None))
             with_context(decoder, llama, init_from)
+        elif language.get("pretrained"):  # a released Llama, with its own tokenizer
+            tokenizer_spec = str(language["pretrained"])
+            decoder = load_decoder(tokenizer_spec, llama, tokenizer_spec)
         elif language.get("checkpoint"):
             stage = _stage_system(language["checkpoint"], "LanguageSystem")
             decoder = with_context(stage.model.float(), llama, language["checkpoint"])
@@ -181,7 +186,7 @@ class FusionSystem(HerdSystem):
         suffixes = ("", "_near", "_far") if far else ("",)
         for split in ("val", "test"):
             metrics = self.task_metrics[split]
-            for name in sorted(set(task_metric.values())):
+            for name in sorted({m for m in task_metric.values() if m}):
                 for suffix in suffixes:
                     if name + suffix not in metrics:
                         metrics[name + suffix] = _metric(name)
@@ -256,8 +261,10 @@ class FusionSystem(HerdSystem):
         distances = batch.get("evidence_distance")
         metrics = self.task_metrics[split]
         for b, task in enumerate(batch["task"]):
+            name = task_metric.get(task)
+            if name is None:  # a task scored by its loss alone (a manifest's metric: none)
+                continue
             prediction, reference = self.answer(batch, b), batch["answer"][b]
-            name = task_metric[task]
             names = [name]
             if far and distances is not None:
                 names.append(name + ("_far" if distances[b] > far else "_near"))
@@ -286,7 +293,7 @@ class FusionSystem(HerdSystem):
             if metric.update_called:
                 value = metric.compute()
                 # torchmetrics' BLEU is in [0, 1]; report it x100 as sacreBLEU does
-                if name.startswith("bleu"):
+                if _kind(name) == "bleu":
                     value = value * 100
                 self.log(f"{split}/{name}", value, prog_bar=split == "val" and name == "top1")
             metric.reset()
@@ -323,19 +330,30 @@ class FusionSystem(HerdSystem):
         }
 
 
+def _kind(name: str) -> str:
+    """wer, bleu or exact: how answers are scored for a logged metric name (top1, wer,
+    bleu_st, passkey_acc, or a manifest task's "{task}/{metric}", with _near / _far)."""
+    metric = name.rsplit("/", 1)[-1]
+    if metric.startswith("wer"):
+        return "wer"
+    return "bleu" if metric.startswith("bleu") else "exact"
+
+
 def _metric(name: str):
-    """The torchmetrics object that scores answers for `name` (top1, wer, bleu*, *_acc)."""
-    if name == "wer":
+    """The torchmetrics object that scores answers for `name`."""
+    kind = _kind(name)
+    if kind == "wer":
         return WordErrorRate()
-    if name.startswith("bleu"):
+    if kind == "bleu":
         return SacreBLEUScore(tokenize="13a")
     return MeanMetric()  # exact-match accuracy
 
 
 def _update(metric, name: str, prediction: str, reference: str) -> None:
-    if name == "wer":
+    kind = _kind(name)
+    if kind == "wer":
         metric.update([prediction], [reference])
-    elif name.startswith("bleu"):
+    elif kind == "bleu":
         metric.update([prediction], [[reference]])
     else:
         metric.update(float(prediction == reference))

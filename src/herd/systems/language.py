@@ -51,6 +51,28 @@ def with_context(model: Llama, llama: dict, source) -> Llama:
     return model
 
 
+def load_decoder(path: str, llama: dict, tokenizer: str) -> Llama:
+    """A real checkpoint directory (HF / Meta), or a herd language checkpoint (.ckpt) trained
+    with `tokenizer`, as an fp32 decoder at this run's context (see `with_context`)."""
+    if str(path).endswith(".ckpt"):
+        from herd.systems.common import load_system
+
+        system = load_system(path)
+        # Same-sized vocabularies would train on silently scrambled ids.
+        if system.hparams.get("tokenizer", tokenizer) != tokenizer:
+            raise ConfigError(
+                f"Checkpoint {path} was trained with tokenizer "
+                f"{system.hparams.tokenizer!r}, not {tokenizer!r}; set "
+                f"data.tokenizer={system.hparams.tokenizer}."
+            )
+        model = system.model.float()
+    else:
+        # Train in fp32 master weights: released checkpoints are bf16, whose precision loses
+        # most fine-tuning updates; precision= then decides the compute dtype.
+        model = load_pretrained_llama(path, dtype=torch.float32)
+    return with_context(model, llama, path)
+
+
 class LanguageSystem(HerdSystem):
     """Owns training only; the architecture is `herd.models.llama.Llama` (self.model).
 
@@ -84,7 +106,7 @@ class LanguageSystem(HerdSystem):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
         if pretrained:
-            self.model = self._load_pretrained(pretrained, llama, tokenizer)
+            self.model = load_decoder(pretrained, llama, tokenizer)
             # Checkpoints of this run rebuild the architecture from the resolved config and
             # take the weights from their own state dict, not from the pretrained directory.
             self.hparams.llama = self.model.config.to_dict()
@@ -99,28 +121,6 @@ class LanguageSystem(HerdSystem):
             )
         check_checkpointing_mode(activation_checkpointing)  # fail before any training starts
         self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
-
-    @staticmethod
-    def _load_pretrained(path: str, llama: dict, tokenizer: str) -> Llama:
-        """A real checkpoint directory (HF / Meta), or a herd language checkpoint (.ckpt),
-        at this run's context (see `with_context`)."""
-        if str(path).endswith(".ckpt"):
-            from herd.systems.common import load_system
-
-            system = load_system(path)
-            # Same-sized vocabularies would train on silently scrambled ids.
-            if system.hparams.get("tokenizer", tokenizer) != tokenizer:
-                raise ConfigError(
-                    f"Checkpoint {path} was trained with tokenizer "
-                    f"{system.hparams.tokenizer!r}, not {tokenizer!r}; set "
-                    f"data.tokenizer={system.hparams.tokenizer}."
-                )
-            model = system.model.float()
-        else:
-            # Train in fp32 master weights: released checkpoints are bf16, whose precision loses
-            # most fine-tuning updates; precision= then decides the compute dtype.
-            model = load_pretrained_llama(path, dtype=torch.float32)
-        return with_context(model, llama, path)
 
     def configure_model(self) -> None:
         # The one place training techniques touch the model (parallel strategies wrap after).
