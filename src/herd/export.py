@@ -1,6 +1,9 @@
 """herd-export CKPT OUT_DIR: a trained herd language checkpoint as a Hugging Face Llama
 directory (config.json, safetensors, and the tokenizer file) that
-`transformers.LlamaForCausalLM.from_pretrained(OUT_DIR)` loads unchanged."""
+`transformers.LlamaForCausalLM.from_pretrained(OUT_DIR)` loads unchanged; a fusion
+checkpoint as its decoder in that form beside the adapters' weights (`--parts all`), or the
+adapters alone (`--parts adapters`), which `model.init_from=OUT_DIR` reopens
+(herd.systems.fusion_export)."""
 
 from __future__ import annotations
 
@@ -15,19 +18,24 @@ from herd.data.tokenizer import HFTokenizer, TiktokenTokenizer
 from herd.errors import ConfigError, HerdError
 from herd.models.pretrained import save_hf_checkpoint
 from herd.systems.common import load_system
+from herd.systems.fusion_export import PARTS, save_fusion_export
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_mb: int | None = None) -> Path:
+def export(
+    ckpt: Path, out: Path, dtype: str = "fp32", max_shard_mb: int | None = None, parts: str = "all"
+) -> Path:
     system = load_system(ckpt)
-    model = getattr(system, "model", None)
-    if model is None or not hasattr(model, "config"):
-        raise ConfigError(f"Checkpoint {ckpt} holds no language model to export.")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(
             f"Output directory {out} is not empty; choose a new one (nothing was overwritten)."
         )
+    if type(system).__name__ == "FusionSystem":
+        return save_fusion_export(system, out, parts, DTYPES[dtype])
+    model = getattr(system, "model", None)
+    if model is None or not hasattr(model, "config"):
+        raise ConfigError(f"Checkpoint {ckpt} holds no language or fusion model to export.")
     model = model.to(DTYPES[dtype])
     max_bytes = max_shard_mb * 2**20 if max_shard_mb else None
     save_hf_checkpoint(model, out, max_shard_bytes=max_bytes, tokenizer=system.tokenizer)
@@ -41,15 +49,21 @@ def export(ckpt: Path, out: Path, dtype: str = "fp32", max_shard_mb: int | None 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="herd-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("ckpt", type=Path, help="a herd checkpoint (.ckpt) of a language system")
+    parser.add_argument("ckpt", type=Path, help="a herd checkpoint (.ckpt): language or fusion")
     parser.add_argument("out", type=Path, help="the new Hugging Face directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument(
         "--max-shard-mb", type=int, default=None, help="split weights into shards of this size"
     )
+    parser.add_argument(
+        "--parts",
+        choices=PARTS,
+        default="all",
+        help="fusion: the decoder too (all) or the adapters alone (adapters, finetune=adapter)",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export(args.ckpt, args.out, args.dtype, args.max_shard_mb)
+        out = export(args.ckpt, args.out, args.dtype, args.max_shard_mb, args.parts)
     except HerdError as exc:
         print(f"herd-export: error: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
 from herd.models.vision import ImageEncoder, ImageEncoderConfig, TanhGate
 from herd.systems.common import HerdSystem, load_system
 from herd.systems.finetune import apply_finetune_strategy
+from herd.systems.fusion_export import read_fusion_export
 from herd.systems.language import llama_config, load_decoder, with_context
 from herd.systems.losses import chunked_cross_entropy
 from herd.utils.config import plain
@@ -66,9 +67,10 @@ class FusionSystem(HerdSystem):
             features (at x1 a linear probe on the image features fell from 97% to 36%).
         spec_augment: SpecAugment arguments for the speech encoder's log-mels in training
             (null: none); the corpus has few clips, which the decoder otherwise memorises.
-        init_from: a FusionSystem checkpoint to start from: its architecture (language,
-            vision, speech, cross_attention_every replace this config's) and weights, with
-            this run's context (e.g. a fusion_digits model continued on review documents).
+        init_from: a FusionSystem checkpoint, or a herd-export directory of one
+            (herd.systems.fusion_export), to start from: its architecture (language, vision,
+            speech, cross_attention_every replace this config's) and weights, with this
+            run's context (e.g. a fusion_digits model continued on review documents).
     Checkpoints of this system rebuild every part from the resolved configs recorded here,
     so they load without the stage checkpoints they started from.
     """
@@ -96,8 +98,14 @@ class FusionSystem(HerdSystem):
         self.save_hyperparameters()
 
         llama = language.get("llama") or {}  # the flavor when built fresh; context= either way
-        source = None
-        if init_from:  # the architecture recorded by the source; its weights are loaded below
+        source = exported = None
+        if init_from and Path(init_from).is_dir():  # a herd-export directory: the same, as files
+            architecture, exported = read_fusion_export(init_from)
+            language = {"pretrained": architecture["decoder"]}
+            vision, speech = architecture["vision"], architecture["speech"]
+            cross_attention_every = architecture["cross_attention_every"]
+            self.hparams.cross_attention_every = cross_attention_every
+        elif init_from:  # the architecture recorded by the source; its weights are loaded below
             source = _stage_system(init_from, "FusionSystem")
             trained = source.hparams
             language = {
@@ -151,6 +159,15 @@ class FusionSystem(HerdSystem):
         if source is not None:
             self.model.load_state_dict(source.model.state_dict())  # strict: same architecture
             self.hparams.init_from = None  # the weights now live in this run's checkpoints
+        if exported is not None:  # the decoder came from its directory above
+            missing, unexpected = self.model.load_state_dict(exported, strict=False)
+            missing = [k for k in missing if not k.startswith("decoder.")]
+            if missing or unexpected:
+                raise ConfigError(
+                    f"The weights of {init_from} do not fit its fusion.json: missing "
+                    f"{missing[:3]}, unexpected {unexpected[:3]}."
+                )
+            self.hparams.init_from = None
         finetune = finetune or {"strategy": "full"}
         self.parameter_counts = apply_finetune_strategy(
             self.model,
