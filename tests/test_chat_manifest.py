@@ -186,3 +186,19 @@ def test_the_fusion_stage_trains_on_a_chat_manifest_from_a_released_style_llama(
     # the trivial baselines beside them
     assert saved["test/transcribe/wer_empty"] == 1.0
     assert 0 <= saved["test/figure/top1_majority"] <= 1
+
+    # exported (decoder + adapters) and reopened by herd-eval: the same answers as last.ckpt
+    from herd.evaluate import evaluate
+    from herd.export import export
+
+    out = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "export")
+    data = ["data=fusion", "++data.source=manifest", f"++data.manifest={EXAMPLE}"]
+    scores = [
+        evaluate(compose_cfg("eval", [f"ckpt_path={ckpt}", *data], tmp_path / name))
+        for name, ckpt in (
+            ("eval_ckpt", tmp_path / "run" / "checkpoints" / "last.ckpt"),
+            ("eval_export", out),
+        )
+    ]
+    assert scores[0]["test/figure/top1"] == scores[1]["test/figure/top1"]
+    assert scores[0]["test/loss"] == pytest.approx(scores[1]["test/loss"], rel=1e-4)

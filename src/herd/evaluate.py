@@ -4,6 +4,8 @@ directory.
 herd-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
 herd-eval ckpt_path=... context=2k extrapolate=true      # a language model past its length
 herd-eval ckpt_path=... data=digits data.batch_size=64   # other data than the run trained on
+herd-eval ckpt_path=EXPORT_DIR data=fusion ++data.source=manifest ++data.manifest=FILE
+                                                         # a herd-export of a fusion model
 
 The data config is the one the checkpoint was trained with (its interpolations resolved
 against this command's settings, e.g. `context=`) unless `data=` picks another; `++data.KEY=`
@@ -21,7 +23,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from herd.errors import ConfigError
-from herd.systems.common import load_system, read_checkpoint_header
+from herd.systems.common import HerdSystem, load_system, read_checkpoint_header
+from herd.systems.fusion import FusionSystem
 from herd.systems.language import LanguageSystem
 from herd.train import CONFIG_DIR, instantiate_all
 from herd.utils.cli import report_errors
@@ -40,8 +43,9 @@ def resolve_data_config(cfg: DictConfig, header: dict) -> None:
     trained = header.get("data")
     if not trained:
         raise ConfigError(
-            f"Checkpoint {cfg.ckpt_path} does not record its data config (written before herd "
-            "0.1 kept it); choose the data with data=OPTION (e.g. data=text)."
+            f"Checkpoint {cfg.ckpt_path} does not record its data config (a herd-export "
+            "directory, or a checkpoint written before herd 0.1 kept it); choose the data with "
+            "data=OPTION (e.g. data=text)."
         )
     with open_dict(cfg):
         cfg.data = OmegaConf.merge(trained, given)
@@ -67,12 +71,25 @@ def fit_language_context(cfg: DictConfig, system: LanguageSystem) -> None:
         )
 
 
+def open_system(cfg: DictConfig) -> tuple[HerdSystem, dict]:
+    """The system to test and its checkpoint's header: a herd checkpoint, or a fusion model's
+    herd-export directory (at this command's context; it records no data, so data= picks it)."""
+    path = Path(cfg.ckpt_path)
+    if path.is_dir():
+        rope = cfg.context.rope_scaling
+        context = {
+            "max_seq_len": cfg.context.seq_len,
+            "rope_scaling": OmegaConf.to_container(rope) if rope is not None else None,
+        }
+        return FusionSystem(language={"llama": context}, init_from=str(path)), {}
+    return load_system(path), read_checkpoint_header(path)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_settings(cfg)
     check_hardware(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    header = read_checkpoint_header(cfg.ckpt_path)
-    system = load_system(cfg.ckpt_path)
+    system, header = open_system(cfg)
     resolve_data_config(cfg, header)
     if isinstance(system, LanguageSystem):
         fit_language_context(cfg, system)

@@ -126,7 +126,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     test_metrics = {}
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not best:
+        if not best and cfg.train:
             log.warning("No best checkpoint was saved by this run.")
         ckpt = best or ckpt_path  # train=false: test the checkpoint given
         trainer.test(system, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
