@@ -43,6 +43,10 @@ def required_overrides(experiment: str, tmp_path: Path) -> list[str]:
         return [f"pretrained={tiny_hf_checkpoint_with_tokenizer(tmp_path / 'ckpt')}"]
     if experiment == "context_extension":
         return [f"short_ckpt={small_language_checkpoint(tmp_path / 'short.ckpt')}"]
+    if experiment == "fusion_manifest":  # a released Llama is tested in test_chat_manifest
+        from .test_chat_manifest import EXAMPLE
+
+        return ["pretrained=null", f"data.manifest={EXAMPLE}"]
     return []
 
 
@@ -74,6 +78,66 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
         assert system.model.config.max_seq_len == cfg.context.seq_len == datamodule.hparams.seq_len
         assert system.model.config.vocab_size >= datamodule.tokenizer.vocab_size
     assert callbacks and loggers
+
+
+def _leaves(node: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a YAML mapping (lists are leaves)."""
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def _base_overrides(defaults: list) -> list[tuple[str, str | None]]:
+    """An experiment's defaults list as command-line overrides: (override, the group it
+    picks, or None for a parent experiment or an added group)."""
+    out = []
+    for entry in defaults:
+        if entry == "_self_":
+            continue
+        if isinstance(entry, str):  # a parent experiment
+            out.append((f"experiment={entry}", None))
+            continue
+        ((key, value),) = entry.items()
+        group = key.removeprefix("override ").lstrip("/")
+        if key.startswith("override "):
+            out.append((f"{group}={value}", group))
+        else:
+            out.append((f"+{group}={value}", None))
+    return out
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_no_experiment_restates_a_default(experiment, tmp_path):
+    """An experiment holds only what differs from what it builds on (its defaults list):
+    no group choice and no value equal to the one it would have anyway."""
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    raw = yaml.safe_load((CONFIGS / "experiment" / f"{experiment}.yaml").read_text())
+    base = _base_overrides(raw.pop("defaults", []))
+    # mandatory values, added whether or not what the experiment builds on has the key
+    required = [f"++{o}" for o in required_overrides(experiment, tmp_path)]
+    restated = []
+    for override, group in base:
+        # pinning an ablation axis is not restating: a study's arm stays what it is when
+        # the default moves
+        if group is None or group in ("context", "precision", "strategy"):
+            continue
+        others = [o for o, _ in base if o != override]
+        compose_cfg("train", [*others, *required], tmp_path / "run")
+        if HydraConfig.get().runtime.choices.get(group) == override.split("=", 1)[1]:
+            restated.append(f"defaults: {override}")
+    cfg = compose_cfg("train", [o for o, _ in base] + required, tmp_path / "run")
+    for key, value in _leaves(raw):
+        node = OmegaConf.select(cfg, key, throw_on_missing=False)
+        before = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+        if key != "tags" and before == value:
+            restated.append(f"{key}: {value!r}")
+    assert not restated, f"experiment={experiment} restates defaults: {restated}"
 
 
 @pytest.mark.parametrize("context", CONTEXTS)
