@@ -31,6 +31,9 @@ from herd.errors import ConfigError
 ORIGINAL_CONTEXT = 8192  # Llama 3 pre-training context; RoPE is scaled beyond it.
 
 
+ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 ("llama3") frequency scaling used to stretch RoPE past the original context."""
@@ -67,6 +70,9 @@ class LlamaConfig:
     max_seq_len: int = 8192
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
+    # document-masked attention kernel: "flex" (flex_attention + block mask), "sdpa" (boolean
+    # mask), or "auto": flex on CUDA, SDPA elsewhere (flex has no CPU backward)
+    attention_backend: str = "auto"
     flavor: str = "custom"
 
     def __post_init__(self) -> None:
@@ -93,6 +99,11 @@ class LlamaConfig:
             raise ConfigError(
                 f"{where}: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}; "
                 "grouped-query attention needs whole groups."
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"{where}: attention_backend {self.attention_backend!r} is not one of "
+                f"{list(ATTENTION_BACKENDS)}."
             )
         if self.head_dim % 2:
             raise ConfigError(f"{where}: head dim {self.head_dim} must be even for RoPE.")
@@ -447,9 +458,6 @@ class Llama(nn.Module):
             rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
             persistent=False,
         )
-        # Document-masked attention kernel: "flex" (flex_attention + block mask), "sdpa"
-        # (boolean mask), or "auto": flex on CUDA, SDPA elsewhere (flex has no CPU backward).
-        self.attention_backend = "auto"
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -524,7 +532,7 @@ class Llama(nn.Module):
 
         if doc_ids is not None:
             positions = document_positions(doc_ids)  # [B, T]
-            backend = self.attention_backend
+            backend = self.config.attention_backend
             if backend == "auto":
                 backend = "flex" if tokens.is_cuda else "sdpa"
             if backend == "flex":
