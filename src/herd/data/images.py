@@ -193,6 +193,17 @@ def build_augmentation(specs: list[dict] | None):
     return v2.Compose(transforms)
 
 
+# The digits' held-out fractions: the vision stage's defaults, and the split the fusion
+# stage's digit images follow (with the same split_seed), so it never trains on the vision
+# stage's test images.
+DIGITS_VAL_FRACTION = DIGITS_TEST_FRACTION = 0.15
+
+
+def digits_split(labels: list[int], split: str, split_seed: int) -> np.ndarray:
+    """The indices of one split of the digits, as the vision stage draws it by default."""
+    return stratified_split(labels, DIGITS_VAL_FRACTION, DIGITS_TEST_FRACTION, split_seed)[split]
+
+
 def stratified_split(
     labels: list[int], val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, np.ndarray]:
@@ -253,8 +264,8 @@ class ImageDataModule(L.LightningDataModule):
         channels: int = 1,
         num_classes: int = 10,
         batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
+        val_fraction: float = DIGITS_VAL_FRACTION,
+        test_fraction: float = DIGITS_TEST_FRACTION,
         augment: list | None = None,
         skip_bad_samples: bool = False,
         num_workers: int = 0,

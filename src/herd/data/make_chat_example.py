@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from herd.data.images import digits_images, stratified_split
+from herd.data.images import digits_images, digits_split
 from herd.data.numbers import number_to_english
 from herd.data.speech import DIGITS_MANIFEST
 
@@ -53,7 +53,7 @@ def build(out: Path = OUT, seed: int = 0) -> Path:
 
     rng = random.Random(seed)
     images, labels, _ = digits_images(IMAGE_SIZE, 1)
-    by_split = stratified_split(labels, 0.15, 0.15, 42)  # data/digits.yaml's split_seed
+    split_seed = 42  # data/digits.yaml's
     clips = [json.loads(line) for line in DIGITS_MANIFEST.read_text().splitlines() if line]
     speech_dir = Path("..") / DIGITS_MANIFEST.parent.name  # relative to the chat manifest
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def build(out: Path = OUT, seed: int = 0) -> Path:
     def figure(split: str, unlike: int | None = None) -> tuple[str, int]:
         """A digit of the split (other than `unlike`), written as a PNG: (its path in the
         manifest, its label)."""
-        i = rng.choice([k for k in by_split[split] if labels[k] != unlike])
+        i = rng.choice([k for k in digits_split(labels, split, split_seed) if labels[k] != unlike])
         name = f"images/digit_{i:04d}.png"
         Image.fromarray(images[i, 0].numpy(), mode="L").save(out / name)
         return name, labels[i]

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from herd.data.audio import read_audio, speed_perturb
 from herd.data.chat import IGNORE_INDEX, Example, collate, encode_example
 from herd.data.chat_manifest import read_chat_manifests
-from herd.data.images import digits_images, stratified_split
+from herd.data.images import digits_images, digits_split
 from herd.data.numbers import TRANSLATE_PROMPT, number_to_english, phrases_of_split
 from herd.data.passkey import NEEDLE, REPEATED_FILLER
 from herd.data.sampling import draw_key, length_bucket_train_batches
@@ -138,7 +138,7 @@ def image_examples(split: str, image_size: int, channels: int, seed: int) -> lis
     split_seed and fractions as data=digits), scaled to [-1, 1] as the image encoder was
     trained."""
     images, labels, _ = digits_images(image_size, channels)
-    index = stratified_split(labels, 0.15, 0.15, seed)[split]
+    index = digits_split(labels, split, seed)
     return [
         Example(
             "image",

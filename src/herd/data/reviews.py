@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from herd.data.audio import SAMPLE_RATE
 from herd.data.chat import chat_ids, prompt_ids
 from herd.data.corpus import pydoc_documents, split_documents
-from herd.data.images import digits_images, stratified_split
+from herd.data.images import digits_images, digits_split
 from herd.data.multimodal import ChatDataModule, speech_examples
 from herd.data.numbers import PASSAGE, PASSAGE_QUESTION, number_to_english, phrases_of_split
 from herd.data.passkey import NEEDLE
@@ -136,7 +136,7 @@ def load_sources(
     prose = split_documents(pydoc_documents())[split]
     paragraphs = [p for doc in prose for p in doc.split("\n\n") if len(p.split()) >= 20]
     images, labels, _ = digits_images(image_size, channels)
-    index = stratified_split(labels, 0.15, 0.15, split_seed)[split]
+    index = digits_split(labels, split, split_seed)
     spoken = (
         speech_examples(speech_manifest or DIGITS_MANIFEST, split, ("asr",)) if with_speech else []
     )
