@@ -253,6 +253,15 @@ def compose_train(*overrides: str):
         GlobalHydra.instance().clear()
 
 
+def test_a_sweep_job_is_named_by_its_number_and_settings():
+    from herd.utils.preflight import job_name
+
+    overrides = "++model.init_from=/tmp/a/b.ckpt,context=2k,data.doc_tokens=[300,2000],seed=2"
+    assert job_name(3, overrides) == "3_context=2k,data.doc_tokens=[300,2000],seed=2"
+    assert job_name(0, "") == "0"
+    assert job_name(1, "tags=[a b]," + "x" * 300) == "1_tags=[a_b]," + "x" * 109
+
+
 def test_hparams_search_optuna_configures_a_tpe_search_over_lr_and_warmup():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[sweep]'")
     cfg = compose_train("hparams_search=optuna", "experiment=language_tiny")
@@ -321,7 +330,10 @@ def test_ddp_jobs_of_a_herd_train_multirun_share_the_sweep_directory(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert run_directories(tmp_path) == [tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"]
+    # each job's directory (its run name in TensorBoard) shows its number and settings
+    names = [d.name for d in run_directories(tmp_path)]
+    assert [n.split("_", 1)[0] for n in names] == ["0", "1"]
+    assert "seed=1" in names[0] and "seed=2" in names[1] and "strategy=ddp" in names[0]
     assert len(list(tmp_path.rglob("metrics.json"))) == 2
     assert len(list(tmp_path.rglob("multirun.yaml"))) == 1
 

@@ -125,14 +125,14 @@ def find_jobs(root: Path) -> list[dict]:
 def never_started(root: Path, jobs: list[dict]) -> list[str]:
     """The jobs that root's multirun.yaml lists but that have no directory: a sweep cut short.
 
-    Only Hydra's basic sweeper enumerates its jobs in advance (job number = subdir); for
-    other sweepers (Optuna) nothing is reported here."""
+    Only Hydra's basic sweeper enumerates its jobs in advance (the job number starts the
+    subdir); for other sweepers (Optuna) nothing is reported here."""
     multirun = read_yaml(root / "multirun.yaml")
     hydra_cfg = (multirun or {}).get("hydra") or {}
     sweeper = str((hydra_cfg.get("sweeper") or {}).get("_target_", ""))
-    if not sweeper.endswith("BasicSweeper") or hydra_cfg.get("sweep", {}).get("subdir") not in (
-        "${hydra.job.num}",
-        None,
+    subdir = str(hydra_cfg.get("sweep", {}).get("subdir") or "${hydra.job.num}")
+    if not sweeper.endswith("BasicSweeper") or not subdir.startswith(
+        ("${hydra.job.num}", "${herd_job_name:${hydra.job.num}")
     ):
         return []
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -146,7 +146,7 @@ def never_started(root: Path, jobs: list[dict]) -> list[str]:
     except Exception:  # an unparsable listing must not stop the report
         return []
     planned = [job for batch in batches for job in batch]
-    present = {job["name"] for job in jobs}
+    present = {job["name"].split("_", 1)[0] for job in jobs}  # "3" or "3_context=2k,..."
     return [
         f"{num} ({' '.join(overrides)})"
         for num, overrides in enumerate(planned)
@@ -232,7 +232,8 @@ def settings_markdown(rows: list[dict], keys: list[str], metrics: list[str]) -> 
         for name in metrics:
             mean, std, _ = row["metrics"].get(name, (None, None, 0))
             cells.append("" if mean is None else fmt_mean_std(mean, std))
-        cells.append(", ".join(row["jobs"]))
+        # a job's directory is its number and settings; the columns already show the settings
+        cells.append(", ".join(name.split("_", 1)[0] for name in row["jobs"]))
         body.append(cells)
     return markdown_table(header, body)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -42,6 +43,19 @@ def native_bf16() -> bool:
 OmegaConf.register_new_resolver(
     "herd_auto_precision", lambda: "bf16-mixed" if native_bf16() else "32-true", replace=True
 )
+
+
+def job_name(num, overrides: str) -> str:
+    """A sweep job's directory, and so its run name in TensorBoard: its number and the
+    settings given on the command line (hydra.job.override_dirname), e.g.
+    "3_context=2k,seed=2". Path-valued settings are left out; the rest is kept to
+    filesystem-safe characters and 120 of them."""
+    kept = [item.lstrip("+~") for item in str(overrides).split(",") if item and "/" not in item]
+    name = re.sub(r"[^A-Za-z0-9._=,\-\[\]]", "_", ",".join(kept))[:120]
+    return f"{num}_{name}" if name else str(num)
+
+
+OmegaConf.register_new_resolver("herd_job_name", job_name, replace=True)
 
 
 def _name(option) -> str:
