@@ -32,6 +32,10 @@ PER_SPLIT = {"train": 8, "val": 2, "test": 2}  # lines per task
 IMAGE_SIZE = 32
 
 
+def _line(task: str, metric: str, *messages: dict) -> dict:
+    return {"messages": list(messages), "task": task, "metric": metric}
+
+
 def _user(*parts: dict) -> dict:
     return {"role": "user", "content": list(parts)}
 
@@ -72,70 +76,60 @@ def build(out: Path = OUT, seed: int = 0) -> Path:
         for _ in range(n):
             path, label = figure(split)
             lines.append(
-                {
-                    "messages": [
-                        _user(_image(path), _text("which digit does this figure show?")),
-                        _assistant(number_to_english(label)),
-                    ],
-                    "task": "figure",
-                    "metric": "top1",
-                }
+                _line(
+                    "figure",
+                    "top1",
+                    _user(_image(path), _text("which digit does this figure show?")),
+                    _assistant(number_to_english(label)),
+                )
             )
             a, la = figure(split)
             b, lb = figure(split, unlike=la)  # a tie would have no larger figure
             lines.append(
-                {
-                    "messages": [
-                        _user(
-                            _text("figure 1: "),
-                            _image(a),
-                            _text(" figure 2: "),
-                            _image(b),
-                            _text(" which figure shows the larger digit?"),
-                        ),
-                        _assistant("figure 1" if la > lb else "figure 2"),
-                    ],
-                    "task": "larger",
-                    "metric": "exact",
-                }
+                _line(
+                    "larger",
+                    "exact",
+                    _user(
+                        _text("figure 1: "),
+                        _image(a),
+                        _text(" figure 2: "),
+                        _image(b),
+                        _text(" which figure shows the larger digit?"),
+                    ),
+                    _assistant("figure 1" if la > lb else "figure 2"),
+                )
             )
             (a, la), (b, lb) = figure(split), figure(split)
             lines.append(
-                {
-                    "messages": [
-                        _user(_image(a), _text("which digit is this?")),
-                        _assistant(number_to_english(la)),
-                        _user(_image(b), _text("and this one?")),
-                        _assistant(number_to_english(lb)),
-                    ],
-                    "task": "figure_chat",
-                    "metric": "exact",
-                }
+                _line(
+                    "figure_chat",
+                    "exact",
+                    _user(_image(a), _text("which digit is this?")),
+                    _assistant(number_to_english(la)),
+                    _user(_image(b), _text("and this one?")),
+                    _assistant(number_to_english(lb)),
+                )
             )
             clip = rng.choice(spoken)
             audio = {"type": "audio", "path": str(speech_dir / clip["audio"])}
             lines.append(
-                {
-                    "messages": [
-                        {"role": "system", "content": "you transcribe recordings word by word."},
-                        _user(audio, _text("transcribe the recording.")),
-                        _assistant(clip["text"]),
-                    ],
-                    "task": "transcribe",
-                    "metric": "wer",
-                }
+                _line(
+                    "transcribe",
+                    "wer",
+                    {"role": "system", "content": "you transcribe recordings word by word."},
+                    _user(audio, _text("transcribe the recording.")),
+                    _assistant(clip["text"]),
+                )
             )
             clip = rng.choice(spoken)
             audio = {"type": "audio", "path": str(speech_dir / clip["audio"])}
             lines.append(
-                {
-                    "messages": [
-                        _user(audio, _text("translate the recording into german.")),
-                        _assistant(clip["german"]),
-                    ],
-                    "task": "translate_audio",
-                    "metric": "bleu",
-                }
+                _line(
+                    "translate_audio",
+                    "bleu",
+                    _user(audio, _text("translate the recording into german.")),
+                    _assistant(clip["german"]),
+                )
             )
         for line in lines[-5 * n :]:
             line["split"] = split
