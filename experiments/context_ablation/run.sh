@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The context study on long review documents: the fusion stage at a short context and at a
 # 4x longer one (extended with llama3 RoPE scaling and staged growth, as Llama 3.1 went 8K
-# -> 128K), three seeds each, both arms from the same fusion model (the recipe's
-# fusion_digits stage, which already reads images and speech) and the same training tokens
-# per arm; then the report with the write-up's claims beside the measured changes, overall
-# and for answers whose evidence lies beyond / within the short context.
+# -> 128K), three seeds each, both arms from the same fusion model and the same training
+# tokens per arm. That model is the recipe's fusion_digits stage (it reads images and
+# speech placed right before a question) after a shared reading stage on short review
+# documents (it learns to read an item from further back, within 512 tokens). Then the
+# report with the write-up's claims beside the measured changes, overall and for answers
+# whose evidence lies beyond / within the short context.
 #   bash run.sh          CPU scale, 512 vs 2048 tokens -> runs/reviews_cpu
 #   bash run.sh gpu      real scale, 8K vs 128K        -> runs/reviews_gpu
-# The recipe (language, vision, speech, fusion) is trained once into stages/; set STAGES=DIR
-# to reuse a finished recipe directory (e.g. one from `make train`).
+# The recipe (language, vision, speech, fusion) and the reading stage are trained once into
+# stages/; set STAGES=DIR to reuse a finished recipe directory (e.g. one from `make train`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 make -s install
@@ -23,9 +25,12 @@ fi
 stages=${STAGES:-$study/stages}
 .venv/bin/herd-recipe --run-dir "$stages"
 fusion=$(ls "$stages"/fusion/checkpoints/step*.ckpt | tail -n 1)
+.venv/bin/herd-train experiment=context_reviews_reading ++model.init_from="$fusion" \
+    trainer.enable_progress_bar=false hydra.run.dir="$stages/reading" auto_resume=true
+reading=$(ls "$stages"/reading/checkpoints/step*.ckpt | tail -n 1)
 # seeds outermost: the jobs run seed by seed, both arms each; `++` because a multirun first
 # composes without the experiment, whose model has no init_from
-.venv/bin/herd-train -m seed=1,2,3 experiment=$arms "${extra[@]}" ++model.init_from="$fusion" \
+.venv/bin/herd-train -m seed=1,2,3 experiment=$arms "${extra[@]}" ++model.init_from="$reading" \
     trainer.enable_progress_bar=false hydra.sweep.dir=$runs auto_resume=true
 # the fusion checkpoints are large; the results are the metrics, configs, events, answers
 rm -rf "$runs"/*/checkpoints
