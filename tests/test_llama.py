@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from herd.errors import ConfigError
 from herd.models.llama import (
     FLAVORS,
+    LLAMA31_SCALING,
     Attention,
     Llama,
     LlamaConfig,
@@ -205,6 +206,18 @@ def test_invalid_configs_are_refused_with_the_culprit_named(overrides, message):
 def test_unknown_flavor_is_refused():
     with pytest.raises(ConfigError, match="Unknown Llama flavor 'llama9'"):
         LlamaConfig.from_flavor("llama9")
+
+
+def test_null_overrides_keep_the_flavors_value_for_every_field():
+    # one rule, RoPE scaling included (YAML's null from configs/context/*.yaml)
+    cfg = LlamaConfig.from_flavor("llama3_1_8b", dim=None, rope_scaling=None, max_seq_len=8192)
+    assert cfg.dim == 4096 and cfg.rope_scaling == LLAMA31_SCALING
+    # scaling off is said explicitly: factor 1 leaves every frequency as it is
+    off = LlamaConfig.from_flavor("llama3_1_8b", rope_scaling={"factor": 1.0})
+    torch.testing.assert_close(
+        rope_inverse_frequencies(off.head_dim, off.rope_theta, off.rope_scaling),
+        rope_inverse_frequencies(off.head_dim, off.rope_theta, None),
+    )
 
 
 def test_tied_embeddings_share_one_tensor():

@@ -124,7 +124,9 @@ class LlamaConfig:
 
     @classmethod
     def from_flavor(cls, flavor: str, **overrides) -> LlamaConfig:
-        """A named flavor with optional field overrides, e.g. from_flavor("tiny", max_seq_len=512)."""
+        """A named flavor with optional field overrides, e.g. from_flavor("tiny", max_seq_len=512).
+        One rule for every field: None keeps the flavor's value (YAML's null). RoPE scaling off
+        on a flavor that has it is `RopeScaling(factor=1.0)`, which leaves every frequency."""
         if flavor not in FLAVORS:
             raise ConfigError(f"Unknown Llama flavor {flavor!r}; choose one of {sorted(FLAVORS)}.")
         unknown = set(overrides) - {f for f in cls.__dataclass_fields__}
@@ -132,7 +134,7 @@ class LlamaConfig:
             raise ConfigError(
                 f"Unknown LlamaConfig field(s) {sorted(unknown)} for flavor {flavor!r}."
             )
-        overrides = {k: v for k, v in overrides.items() if v is not None or k == "rope_scaling"}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
         return replace(FLAVORS[flavor], **overrides)
 
     def to_dict(self) -> dict:
