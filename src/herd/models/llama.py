@@ -70,6 +70,10 @@ class LlamaConfig:
     max_seq_len: int = 8192
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
+    # embedding rows beyond the vocabulary that are read but never predicted: Llama 3.2
+    # Vision's text model embeds 8 more tokens than its output layer scores (<|image|> is
+    # the first, id vocab_size)
+    extra_input_tokens: int = 0
     # document-masked attention kernel: "flex" (flex_attention + block mask), "sdpa" (boolean
     # mask), or "auto": flex on CUDA, SDPA elsewhere (flex has no CPU backward)
     attention_backend: str = "auto"
@@ -99,6 +103,11 @@ class LlamaConfig:
             raise ConfigError(
                 f"{where}: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}; "
                 "grouped-query attention needs whole groups."
+            )
+        if self.extra_input_tokens < 0 or (self.extra_input_tokens and self.tie_embeddings):
+            raise ConfigError(
+                f"{where}: extra_input_tokens {self.extra_input_tokens} must be >= 0, and 0 "
+                "with tie_embeddings (a tied table has one row per predicted token)."
             )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
@@ -146,7 +155,7 @@ class LlamaConfig:
         per_layer = attn + mlp + 2 * self.dim
         emb = self.vocab_size * self.dim
         total = self.n_layers * per_layer + self.dim + (0 if self.tie_embeddings else emb)
-        return total if exclude_embeddings else total + emb
+        return total if exclude_embeddings else total + emb + self.extra_input_tokens * self.dim
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 x matmul weights, plus attention
@@ -448,7 +457,7 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size + cfg.extra_input_tokens, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -520,8 +529,9 @@ class Llama(nn.Module):
         """Final-normed hidden states [B, T, D]; the loss is computed from these in chunks.
 
         `before_layers` {i: f} applies f to the hidden states [B, T, D] in front of decoder
-        layer i: how a fusion model runs its cross-attention layers without the decoder
-        holding them (herd.models.fusion)."""
+        layer i (i = n_layers: after the last, before the final norm): how a fusion model
+        runs its cross-attention layers without the decoder holding them (herd.models.fusion,
+        herd.models.mllama)."""
         B, T = tokens.shape
         limit = self.config.max_seq_len
         if (cache_start or 0) + T > limit:
@@ -559,6 +569,8 @@ class Llama(nn.Module):
             if i in before_layers:
                 x = before_layers[i](x)
             x = layer(x, cos, sin, mask, cache_start)
+        if len(self.layers) in before_layers:
+            x = before_layers[len(self.layers)](x)
         return self.norm(x)  # [B, T, D]
 
     def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from herd.errors import ConfigError
 from herd.models.llama import ORIGINAL_CONTEXT, Llama, LlamaConfig, RopeScaling
@@ -55,11 +56,19 @@ def config_from_hf(path: Path) -> LlamaConfig:
     hf = json.loads(where.read_text())
     if hf.get("model_type", "llama") != "llama":
         raise ConfigError(f"{where}: model_type {hf.get('model_type')!r} is not a Llama.")
+    return llama_config_from_hf_dict(hf, where, flavor=f"hf:{path.name}")
+
+
+def llama_config_from_hf_dict(
+    hf: dict, where: Path, flavor: str, n_layers: int | None = None, extra_input_tokens: int = 0
+) -> LlamaConfig:
+    """A transformers Llama(-like) config dict as a LlamaConfig; `n_layers` overrides
+    num_hidden_layers (Mllama's counts its cross-attention layers too)."""
     theta, scaling = _rope_from_hf(hf, where)
     try:
         cfg = LlamaConfig(
             dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
+            n_layers=n_layers if n_layers is not None else hf["num_hidden_layers"],
             n_heads=hf["num_attention_heads"],
             n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             vocab_size=hf["vocab_size"],
@@ -69,7 +78,8 @@ def config_from_hf(path: Path) -> LlamaConfig:
             max_seq_len=hf.get("max_position_embeddings", ORIGINAL_CONTEXT),
             rope_scaling=scaling,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            flavor=f"hf:{path.name}",
+            extra_input_tokens=extra_input_tokens,
+            flavor=flavor,
         )
     except KeyError as exc:
         raise ConfigError(f"{where}: missing the key {exc.args[0]!r}.") from exc
@@ -164,7 +174,7 @@ def config_from_meta(path: Path, vocab_size: int) -> LlamaConfig:
 # ----------------------------------------------------------------------------- weights
 
 
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -285,17 +295,17 @@ def _rename_meta(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, 
 # ----------------------------------------------------------------------------- load / save
 
 
-def _assign(
-    cfg: LlamaConfig, state: dict[str, torch.Tensor], source: Path, dtype: torch.dtype | None
-) -> Llama:
-    with torch.device("meta"):
-        model = Llama(cfg)
+def assign_weights(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: Path,
+    dtype: torch.dtype | None,
+    optional: frozenset[str] = frozenset(),
+) -> None:
+    """Load `state` into `model` (built on the meta device) without copying, after checking
+    that names and shapes match; names in `optional` may be absent."""
     expected = model.state_dict()
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing = sorted(
-        set(expected) - set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    )
+    missing = sorted(set(expected) - set(state) - optional)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         culprit = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
@@ -312,6 +322,17 @@ def _assign(
         if dtype is not None:
             state[name] = tensor.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
+
+
+def _assign(
+    cfg: LlamaConfig, state: dict[str, torch.Tensor], source: Path, dtype: torch.dtype | None
+) -> Llama:
+    with torch.device("meta"):
+        model = Llama(cfg)
+    tied = frozenset({"lm_head.weight"}) if cfg.tie_embeddings else frozenset()
+    for name in tied:
+        state.pop(name, None)
+    assign_weights(model, state, source, dtype, optional=tied)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # non-persistent buffer, still on meta: compute it for real
@@ -331,7 +352,7 @@ def load_pretrained_llama(
         raise ConfigError(f"Pretrained checkpoint directory {path} does not exist.")
     if (path / "config.json").is_file():
         cfg = config_from_hf(path)
-        state = _read_hf_weights(path)
+        state = read_hf_weights(path)
     elif (path / "params.json").is_file():
         state = _read_meta_weights(path)
         emb = state.get("tok_embeddings.weight")
@@ -351,8 +372,6 @@ def save_hf_checkpoint(
 ) -> Path:
     """Write `model` as a Hugging Face Llama directory (config.json + safetensors); with a
     herd tokenizer, its bos/eos ids go into the config so generation stops where herd's does."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
@@ -364,7 +383,18 @@ def save_hf_checkpoint(
         if model.config.tie_embeddings and name == "lm_head.weight":
             continue
         hf_name = name if name == "lm_head.weight" else f"model.{name}"
-        state[hf_name] = tensor.detach().contiguous().cpu()
+        state[hf_name] = tensor
+    return write_safetensors(state, path, max_shard_bytes)
+
+
+def write_safetensors(
+    state: dict[str, torch.Tensor], path: Path, max_shard_bytes: int | None = None
+) -> Path:
+    """`state` as model.safetensors, or as shards of at most `max_shard_bytes` with the index
+    transformers reads."""
+    from safetensors.torch import save_file
+
+    state = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     if max_shard_bytes is None:
         save_file(state, path / "model.safetensors", metadata={"format": "pt"})
         return path

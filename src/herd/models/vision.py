@@ -286,6 +286,9 @@ class GatedCrossAttention(nn.Module):
 
     A text row that may see no image token (media_mask all False for it) gets no update from
     either branch, so text before its image is exactly as the language model alone sees it.
+    Llama 3.2 Vision as released zeroes only the MLP branch of such a row; its attention
+    branch then averages over every image token. `blind_rows_attend_all=True` computes that,
+    for the released weights (herd.models.mllama).
     """
 
     def __init__(
@@ -296,8 +299,10 @@ class GatedCrossAttention(nn.Module):
         ffn_dim: int,
         media_dim: int | None = None,
         norm_eps: float = 1e-5,
+        blind_rows_attend_all: bool = False,
     ):
         super().__init__()
+        self.blind_rows_attend_all = blind_rows_attend_all
         if dim % n_heads or n_heads % n_kv_heads:
             raise ConfigError(
                 f"cross-attention: dim {dim} must divide by n_heads {n_heads}, and n_heads by "
@@ -354,7 +359,7 @@ class GatedCrossAttention(nn.Module):
             q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
         )  # [B, H, T, Hd]
         attn = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        if sees_media is not None:
+        if sees_media is not None and not self.blind_rows_attend_all:
             attn = attn * sees_media  # [B, T, D]
         x = x + self.attn_gate(attn)
         mlp = self.mlp(self.post_attention_layernorm(x))
