@@ -25,8 +25,9 @@ fi
 stages=${STAGES:-$study/stages}
 .venv/bin/herd-recipe --run-dir "$stages"
 fusion=$(ls "$stages"/fusion/checkpoints/step*.ckpt | tail -n 1)
+# the shared reading stage; its figures are its validations (the tests are the arms')
 .venv/bin/herd-train experiment=context_reviews_reading ++model.init_from="$fusion" \
-    trainer.enable_progress_bar=false hydra.run.dir="$stages/reading" auto_resume=true
+    trainer.enable_progress_bar=false hydra.run.dir="$stages/reading" auto_resume=true test=false
 reading=$(ls "$stages"/reading/checkpoints/step*.ckpt | tail -n 1)
 # seeds outermost: the jobs run seed by seed, both arms each; `++` because a multirun first
 # composes without the experiment, whose model has no init_from
