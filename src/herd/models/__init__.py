@@ -1,6 +1,8 @@
 from herd.models.fusion import FusionModel, build_fusion_model
 from herd.models.llama import FLAVORS, Llama, LlamaConfig, RopeScaling, generate
+from herd.models.mllama import MllamaConfig, MllamaModel
 from herd.models.pretrained import load_pretrained_llama, save_hf_checkpoint
+from herd.models.pretrained_mllama import load_pretrained_mllama, save_hf_mllama
 from herd.models.speech import (
     SpeechAdapter,
     SpeechAdapterConfig,
@@ -13,6 +15,8 @@ __all__ = [
     "FusionModel",
     "Llama",
     "LlamaConfig",
+    "MllamaConfig",
+    "MllamaModel",
     "RopeScaling",
     "SpeechAdapter",
     "SpeechAdapterConfig",
@@ -21,5 +25,7 @@ __all__ = [
     "build_fusion_model",
     "generate",
     "load_pretrained_llama",
+    "load_pretrained_mllama",
     "save_hf_checkpoint",
+    "save_hf_mllama",
 ]
