@@ -59,6 +59,15 @@ def test_short_real_training_run_learns_and_leaves_a_complete_run_dir(train_cfg)
         "test/loss",
     ):
         assert values.get(tag), f"{tag} missing from TensorBoard"
+    # achieved FLOP/s on this CPU: the tokens per second times the model's FLOPs per token,
+    # the same factor at every step (packed rows of one length)
+    per_token = [
+        f * 1e12 / t
+        for f, t in zip(values["perf/tflops"], values["perf/tokens_per_sec"], strict=True)
+    ]
+    assert per_token == pytest.approx([per_token[0]] * len(per_token), rel=1e-3)
+    assert per_token[0] > 1e5
+    assert "perf/mfu" not in values  # a CPU has no known peak
     assert values["train/lr"][-1] < max(values["train/lr"])  # warmup, then cosine decay
     assert values["train/loss"][-1] < values["train/loss"][0] - 1.0
     samples = acc.Tensors("samples/text/text_summary")

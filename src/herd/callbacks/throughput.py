@@ -37,8 +37,10 @@ class StepRate(L.Callback):
 
 
 class TokenThroughput(StepRate):
-    """Logs `perf/tokens_per_sec` (per device, averaged over `window` steps) and `perf/mfu`
-    where the device's peak FLOPs are known (CUDA datacenter cards; not CPUs)."""
+    """Logs `perf/tokens_per_sec` (per device, averaged over `window` steps); for systems
+    that count their FLOPs (`flops_per_token`), `perf/tflops` (achieved TFLOP/s per device,
+    on any device: how far a CPU run is from the machine's peak) and `perf/mfu` where the
+    device's peak FLOPs are known (CUDA datacenter cards; not CPUs)."""
 
     def __init__(self, window: int = 10, token_key: str = "input_ids"):
         super().__init__(window)
@@ -56,6 +58,9 @@ class TokenThroughput(StepRate):
         tokens = batch[self.token_key]
         tokens_per_sec = self.rate(trainer, tokens.numel())
         pl_module.log("perf/tokens_per_sec", tokens_per_sec, on_step=True, on_epoch=False)
-        if self._peak_flops and hasattr(pl_module, "flops_per_token"):
-            achieved = tokens_per_sec * pl_module.flops_per_token(tokens.shape[-1])
+        if not hasattr(pl_module, "flops_per_token"):
+            return
+        achieved = tokens_per_sec * pl_module.flops_per_token(tokens.shape[-1])  # FLOP/s
+        pl_module.log("perf/tflops", achieved / 1e12, on_step=True, on_epoch=False)
+        if self._peak_flops:
             pl_module.log("perf/mfu", achieved / self._peak_flops, on_step=True, on_epoch=False)
