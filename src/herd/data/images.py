@@ -21,13 +21,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from herd.data.base import HerdDataModule, check_source
 from herd.data.manifest import read_jsonl_manifest
 from herd.data.sampling import draw_key, resumable_train_sampler
 from herd.errors import ConfigError, DataError
@@ -236,7 +236,7 @@ def stratified_split(
 # ----------------------------------------------------------------------------- module
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(HerdDataModule):
     """Labelled images for classification (see the module docstring for the sources).
 
     Args:
@@ -275,10 +275,7 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         augment = plain(augment)  # checkpoints must load with weights_only=True
         self.save_hyperparameters()
-        if source not in SOURCES:
-            raise ConfigError(f"data.source={source!r} is unknown; use one of {list(SOURCES)}.")
-        if source != "digits" and not path:
-            raise ConfigError(f"data.source={source} needs data.path=PATH.")
+        check_source(source, SOURCES, path, ("folder", "manifest"), "path", "its images")
         if channels not in (1, 3):
             raise ConfigError(f"data.channels={channels}: use 1 (grayscale) or 3 (RGB).")
         if not (
@@ -289,7 +286,6 @@ class ImageDataModule(L.LightningDataModule):
                 "in [0, 1) and leave something to train on."
             )
         self.augmentation = build_augmentation(augment)  # fail on a bad spec before any work
-        self.datasets: dict[str, ImageDataset] = {}
         self.class_names: list[str] = []
         self.num_skipped = 0
 
@@ -351,28 +347,13 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- loaders ----------------------------------------------------------------------------
 
-    def _loader(self, split: str, **kwargs) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            **kwargs,
-        )
-
     def train_dataloader(self) -> DataLoader:
         # endless shuffled passes, sharded over ranks, positioned after the steps already
         # taken (a resumed run continues mid-epoch)
         size, batch = len(self.datasets["train"]), self.hparams.batch_size
-        return self._loader(
+        return self.loader(
             "train", sampler=resumable_train_sampler(self, size, batch), drop_last=True
         )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if len(self.datasets["test"]) else "val")
 
     # -- for logs and callbacks -------------------------------------------------------------
 

@@ -19,10 +19,10 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from herd.data.audio import read_audio, speed_perturb
+from herd.data.base import HerdDataModule, check_source
 from herd.data.chat import IGNORE_INDEX, Example, collate, encode_example
 from herd.data.chat_manifest import read_chat_manifests
 from herd.data.images import digits_images, digits_split
@@ -168,7 +168,7 @@ def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[
     return out
 
 
-class ChatDataModule(L.LightningDataModule):
+class ChatDataModule(HerdDataModule):
     """What the fusion stage's data modules share: the tokenizer and the speech placeholder
     count come from the fusion model being trained (`trainer.lightning_module`), so prompts
     always match it; outside a trainer pass them to `setup_for(tokenizer, speech_tokens,
@@ -182,7 +182,6 @@ class ChatDataModule(L.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.speech_tokens = None
         self.image_size, self.channels = 32, 1
-        self.datasets: dict[str, Dataset] = {}
         self.answer_tokens_per_batch: float | None = None  # FusionSystem.training_step
 
     def setup_for(self, tokenizer, speech_tokens=None, image_size: int = 32, channels: int = 1):
@@ -202,24 +201,8 @@ class ChatDataModule(L.LightningDataModule):
     def build_datasets(self) -> None:
         raise NotImplementedError
 
-    def _loader(self, split: str, batch_sampler=None) -> DataLoader:
-        batching = (
-            {"batch_sampler": batch_sampler}
-            if batch_sampler
-            else {"batch_size": self.hparams.batch_size}
-        )
-        return DataLoader(
-            self.datasets[split],
-            collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
-            num_workers=self.hparams.num_workers,
-            **batching,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def collate_fn(self):
+        return partial(collate, pad_id=self.tokenizer.pad_id)
 
 
 class FusionDataModule(ChatDataModule):
@@ -255,12 +238,7 @@ class FusionDataModule(ChatDataModule):
         super().__init__()
         speed_perturb = [float(f) for f in plain(speed_perturb) or []]
         self.save_hyperparameters()
-        if source not in ("digits", "manifest"):
-            raise ConfigError(f"data.source={source!r} is unknown; use digits or manifest.")
-        if source == "manifest" and not manifest:
-            raise ConfigError(
-                "data.source=manifest needs data.manifest=PATH to a JSONL chat manifest."
-            )
+        check_source(source, ("digits", "manifest"), manifest, path_kind="a JSONL chat manifest")
         self.hparams.weights = {
             str(k): float(v) for k, v in (weights or dict.fromkeys(TASKS, 1.0)).items()
         }
@@ -363,7 +341,7 @@ class FusionDataModule(ChatDataModule):
         batches = length_bucket_train_batches(
             self, self.train_lengths, self.hparams.batch_size, bucket_width=96
         )
-        return self._loader("train", batches)
+        return self.loader("train", batch_sampler=batches)
 
     def reference_metrics(self) -> dict[str, float]:
         """Trivial baselines on the test split: always answering the most common training

@@ -557,7 +557,7 @@ class ReviewDataModule(ChatDataModule):
             sampler = StagedContextBatches(
                 batches, [tuple(s) for s in hp.context_stages], batches.start, batches.world_size
             )
-        return self._loader("train", sampler)
+        return self.loader("train", batch_sampler=sampler)
 
     def reference_metrics(self) -> dict[str, float]:
         """The truncation counts and trivial baselines on the test documents: the most

@@ -20,13 +20,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from herd.data.audio import SAMPLE_RATE, audio_duration, read_audio, speed_perturb
+from herd.data.base import HerdDataModule, check_source
 from herd.data.manifest import read_jsonl_manifest
 from herd.data.sampling import draw_key, length_bucket_train_batches
 from herd.data.splits import SPLITS, hash_split
@@ -169,7 +169,7 @@ def collate_clips(items: list[dict]) -> dict:
     }
 
 
-class SpeechDataModule(L.LightningDataModule):
+class SpeechDataModule(HerdDataModule):
     """Spoken clips with transcripts for CTC training (see the module docstring).
 
     Args:
@@ -200,10 +200,7 @@ class SpeechDataModule(L.LightningDataModule):
             speed_perturb = OmegaConf.to_container(speed_perturb)  # plain, for weights_only loads
         speed_perturb = [float(f) for f in speed_perturb or []]
         self.save_hyperparameters()
-        if source not in SOURCES:
-            raise ConfigError(f"data.source={source!r} is unknown; use one of {list(SOURCES)}.")
-        if source == "manifest" and not manifest:
-            raise ConfigError("data.source=manifest needs data.manifest=PATH to a JSONL file.")
+        check_source(source, SOURCES, manifest)
         if max_seconds <= 0:
             raise ConfigError(f"data.max_seconds must be positive, got {max_seconds}.")
         if any(not 0.5 <= f <= 2.0 for f in speed_perturb):
@@ -213,7 +210,6 @@ class SpeechDataModule(L.LightningDataModule):
         self.vocabulary = CharVocabulary()
         self.tokenizer = self.vocabulary  # the name other stages use for "what maps text to ids"
         self.clips: dict[str, list[Clip]] = {}
-        self.datasets: dict[str, ClipDataset] = {}
 
     @property
     def manifest_path(self) -> Path:
@@ -241,34 +237,13 @@ class SpeechDataModule(L.LightningDataModule):
             factors = tuple(hp.speed_perturb) if name == "train" else ()
             self.datasets[name] = ClipDataset(split_clips, self.vocabulary, factors, hp.seed)
 
-    def _loader(self, split: str) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            self.datasets[split],
-            batch_size=hp.batch_size,
-            shuffle=False,
-            collate_fn=collate_clips,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-        )
+    def collate_fn(self):
+        return collate_clips
 
     def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
         lengths = [len(c.waveform) for c in self.clips["train"]]
-        batches = length_bucket_train_batches(self, lengths, hp.batch_size)
-        return DataLoader(
-            self.datasets["train"],
-            batch_sampler=batches,
-            collate_fn=collate_clips,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        batches = length_bucket_train_batches(self, lengths, self.hparams.batch_size)
+        return self.loader("train", batch_sampler=batches)
 
     # -- references and samples -------------------------------------------------------------
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from herd.data.base import HerdDataModule, check_source
 from herd.data.corpus import CORPORA, read_text_manifest, split_documents
 from herd.data.numbers import passage_lookup_documents, translation_documents
 from herd.data.packing import IGNORE_INDEX, PackedDataset, StagedPackedStream
@@ -18,7 +18,7 @@ from herd.errors import ConfigError
 from herd.utils.config import plain
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(HerdDataModule):
     def __init__(
         self,
         tokenizer: str = "herd_bpe",
@@ -40,12 +40,7 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         context_stages = plain(context_stages)  # checkpoints must load with weights_only=True
         self.save_hyperparameters()
-        if source not in (*CORPORA, "manifest"):
-            raise ConfigError(
-                f"data.source={source!r} is unknown; use one of {[*CORPORA, 'manifest']}."
-            )
-        if source == "manifest" and not manifest:
-            raise ConfigError("data.source=manifest needs data.manifest=PATH to a JSONL file.")
+        check_source(source, (*CORPORA, "manifest"), manifest)
         if context_stages:
             too_long = [n for _, n in context_stages if n > seq_len]
             if too_long:
@@ -55,7 +50,6 @@ class TextDataModule(L.LightningDataModule):
                 )
         self.tokenizer = load_tokenizer(tokenizer)
         self.train_stream: StagedPackedStream | None = None
-        self.datasets: dict[str, PackedDataset] = {}
         self.documents: dict[str, list[list[int]]] = {}
 
     def _texts(self) -> list[str]:
@@ -107,26 +101,13 @@ class TextDataModule(L.LightningDataModule):
                     f"The {name} split is empty; give the corpus more documents or raise data.val_fraction."
                 )
 
-    def _loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         if not hp.context_stages:
             # endless shuffled passes, positioned after the steps already taken (exact resume)
-            dataset = self.datasets["train"]
-            return DataLoader(
-                dataset,
-                batch_size=hp.batch_size,
-                sampler=resumable_train_sampler(self, len(dataset), hp.batch_size),
-                drop_last=True,
-                num_workers=hp.num_workers,
-                persistent_workers=hp.num_workers > 0,
+            size = len(self.datasets["train"])
+            return self.loader(
+                "train", sampler=resumable_train_sampler(self, size, hp.batch_size), drop_last=True
             )
         if self.trainer is not None and self.trainer.world_size > 1:
             raise ConfigError(
@@ -146,12 +127,6 @@ class TextDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.train_stream.step = self.trainer.global_step * self.trainer.accumulate_grad_batches
         return DataLoader(self.train_stream, batch_size=None, num_workers=0)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val")
 
     # -- references for the logs ------------------------------------------------------------
 
