@@ -18,6 +18,7 @@ from herd.models.llama import (
     LlamaConfig,
     RopeScaling,
     document_causal_mask,
+    document_lengths,
     document_positions,
     generate,
     rope_cos_sin,
@@ -129,6 +130,17 @@ def test_document_positions_and_mask():
     mask = document_causal_mask(doc_ids)[0, 0]
     assert mask[4].tolist() == [False, False, False, True, True, False]
     assert mask[2].tolist() == [True, True, True, False, False, False]
+
+
+def test_batch_flops_count_attention_within_each_document():
+    cfg = tiny()
+    rows = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, -1, -1]])  # a row's padding is a run
+    assert document_lengths(rows).tolist() == [3, 2, 1, 4, 2]
+    expected = sum(n * cfg.flops_per_token(n) for n in (3, 2, 1, 4, 2))
+    assert cfg.batch_flops((2, 6), rows) == pytest.approx(expected)
+    # without documents every token attends the whole row: the most a batch can count
+    assert cfg.batch_flops((2, 6)) == pytest.approx(12 * cfg.flops_per_token(6))
+    assert cfg.batch_flops((2, 6)) > expected
 
 
 def test_a_document_packed_in_a_row_gets_the_logits_it_gets_alone():

@@ -165,6 +165,15 @@ class LlamaConfig:
             matmul += self.vocab_size * self.dim
         return 6 * matmul + 12 * self.n_layers * self.dim * seq_len
 
+    def batch_flops(self, tokens_shape: tuple[int, int], doc_ids: torch.Tensor | None = None):
+        """Training FLOPs of one batch [B, T]. With packed documents (doc_ids [B, T]) each
+        token attends within its own document, so a document of n tokens counts n x
+        flops_per_token(n), not the whole row's length: flex_attention skips the rest, and
+        counting it would report more FLOP/s than the chip has."""
+        if doc_ids is None:
+            return tokens_shape[0] * tokens_shape[1] * self.flops_per_token(tokens_shape[1])
+        return float(sum(n * self.flops_per_token(n) for n in document_lengths(doc_ids).tolist()))
+
 
 LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
 
@@ -301,6 +310,15 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     return index - start_index
+
+
+def document_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids [B, T] -> [N] lengths of the N runs of one id in each row (a row's padding,
+    id -1, is one run too: it is computed)."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    run = starts.flatten().cumsum(0) - 1  # [B*T] run index; a row's first token starts a run
+    return torch.bincount(run)
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -648,6 +666,7 @@ __all__ = [
     "KVCache",
     "apply_rope",
     "document_causal_mask",
+    "document_lengths",
     "document_positions",
     "generate",
     "rope_cos_sin",

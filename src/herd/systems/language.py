@@ -173,5 +173,6 @@ class LanguageSystem(HerdSystem):
         self.model.train(was_training)
         return out
 
-    def flops_per_token(self, seq_len: int) -> float:
-        return self.model.config.flops_per_token(seq_len)
+    def training_flops(self, batch: dict) -> float:
+        """FLOPs of one training step on `batch` (for perf/tflops and perf/mfu)."""
+        return self.model.config.batch_flops(batch["input_ids"].shape, batch.get("doc_ids"))

@@ -45,7 +45,8 @@ def final_metrics(*metric_dicts) -> dict[str, float]:
 def reset_peak_memory(device: torch.device) -> None:
     """Start `peak_memory_gb`'s count afresh (each job of a multirun shares one process)."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        if torch.cuda.is_initialized():  # before CUDA's first use there is nothing to reset
+            torch.cuda.reset_peak_memory_stats(device)
         return
     try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
         Path("/proc/self/clear_refs").write_text("5")
