@@ -44,9 +44,11 @@ def build_optimization(
     optimizer_cfg: dict,
     scheduler_cfg: dict | None,
     lr_multipliers: dict[str, float] | None = None,
+    total_steps: int | None = None,
 ) -> dict:
     """Instantiate a `_partial_` optimizer over `module`'s trainable parameters and an optional
-    `_partial_` per-step scheduler that receives the run's total step count."""
+    `_partial_` per-step scheduler that receives the run's total step count (by default the
+    trainer's; a loop without a Lightning trainer passes its own)."""
     optimizer_cfg = dict(optimizer_cfg)
     weight_decay = optimizer_cfg.pop("weight_decay", 0.0)
     groups = decay_param_groups(module, weight_decay, lr_multipliers)
@@ -55,7 +57,8 @@ def build_optimization(
         group["lr"] *= group.pop("lr_scale", 1.0)
     if not scheduler_cfg:
         return {"optimizer": optimizer}
-    total_steps = int(module.trainer.estimated_stepping_batches)
+    if total_steps is None:
+        total_steps = int(module.trainer.estimated_stepping_batches)
     scheduler = hydra.utils.instantiate(scheduler_cfg)(optimizer, total_steps=total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
