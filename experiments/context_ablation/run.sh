@@ -7,7 +7,7 @@
 # documents (it learns to read an item from further back, within 512 tokens). Then the
 # report with the write-up's claims beside the measured changes, overall and for answers
 # whose evidence lies beyond / within the short context.
-#   bash run.sh          CPU scale, 512 vs 2048 tokens -> runs/reviews_cpu
+#   bash run.sh          CPU scale, 512 vs 2048 tokens -> runs/reviews_cpu3 (third design)
 #   bash run.sh gpu      real scale, 8K vs 128K        -> runs/reviews_gpu
 # The recipe (language, vision, speech, fusion) and the reading stage are trained once into
 # stages/; set STAGES=DIR to reuse a finished recipe directory (e.g. one from `make train`).
@@ -19,7 +19,7 @@ if [[ "${1:-cpu}" == gpu ]]; then
     arms=context_reviews_8k,context_reviews_128k; runs=$study/runs/reviews_gpu
     extra=(precision=bf16_mixed data.doc_tokens=[4000,120000] data.evidence_far_tokens=8192)
 else
-    arms=context_reviews_512,context_reviews_2k; runs=$study/runs/reviews_cpu
+    arms=context_reviews_512,context_reviews_2k; runs=$study/runs/reviews_cpu3
     extra=()
 fi
 stages=${STAGES:-$study/stages}
@@ -38,3 +38,19 @@ rm -rf "$runs"/*/checkpoints
 baseline=experiment=${arms%%,*}; treatment=experiment=${arms##*,}
 .venv/bin/herd-report $runs --claims $study/claims_reviews.yaml \
     --baseline $baseline --treatment $treatment
+[[ "${1:-cpu}" == gpu ]] && exit 0
+# Control (CPU): at equal tokens per step the short arm trains on 17 documents' questions per
+# step, the long arm on 9. The short arm again with 9 documents per step (the long arm's
+# count, half its tokens) separates the number of questions from the window.
+control=${runs}_control
+.venv/bin/herd-train -m seed=1,2,3 experiment=${arms%%,*} data.tokens_per_batch=4320 \
+    ++model.init_from="$reading" trainer.enable_progress_bar=false hydra.sweep.dir=$control \
+    auto_resume=true
+rm -rf "$control"/*/checkpoints
+.venv/bin/herd-report $control --quiet
+matched=$(mktemp -d)
+cp -r "$control"/*/ "$runs"/*experiment=${arms##*,}*/ "$matched"/
+.venv/bin/herd-report "$matched" --quiet --claims $study/claims_reviews.yaml \
+    --baseline $baseline --treatment $treatment
+cp "$matched"/report.md "$control"/report_vs_2k_arm.md
+rm -rf "$matched"
