@@ -24,13 +24,10 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from herd.systems.common import build_optimization
-from herd.train import CONFIG_DIR, train
+from herd.train import compose_config, train
 
 REFERENCE = [
     "model.llama.dim=512",
@@ -53,23 +50,6 @@ STEP_STARTS: list[float] = []  # filled by StepClock during the herd-train run
 class StepClock(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         STEP_STARTS.append(time.perf_counter())
-
-
-def compose_train_cfg(overrides: list[str], output_dir: Path):
-    """The train config as herd-train composes it, with Hydra's runtime at output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir.parent)
-        del cfg.hydra
-    output_dir.mkdir(parents=True)
-    return cfg
 
 
 def herd_train_steps(cfg) -> list[float]:
@@ -124,7 +104,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for side, run in (("herd-train", herd_train_steps), ("plain loop", plain_loop_steps)):
-                cfg = compose_train_cfg(overrides, Path(tmp) / f"{side}_{round_}".replace(" ", "_"))
+                cfg = compose_config(
+                    "train", overrides, Path(tmp) / f"{side}_{round_}".replace(" ", "_")
+                )
                 step_s = statistics.median(run(cfg)[args.warmup :])
                 medians[side].append(step_s)
                 print(json.dumps({"side": side, "round": round_, "step_s": round(step_s, 4)}))

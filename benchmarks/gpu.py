@@ -29,6 +29,7 @@ import traceback
 import torch
 
 from herd.models.llama import Llama, LlamaConfig
+from herd.models.pretrained import config_to_hf
 from herd.systems.losses import chunked_cross_entropy
 from herd.systems.techniques import apply_training_techniques
 
@@ -57,28 +58,7 @@ def herd_step_fn(cfg: LlamaConfig, args, checkpointing: str, compiled: bool, doc
 def transformers_step_fn(cfg: LlamaConfig, args):
     import transformers
 
-    scaling = cfg.rope_scaling
-    hf_cfg = transformers.LlamaConfig(
-        hidden_size=cfg.dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        intermediate_size=cfg.ffn_dim,
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta,
-        rope_scaling=None
-        if scaling is None
-        else {
-            "rope_type": "llama3",
-            "factor": scaling.factor,
-            "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_seq_len,
-        },
-        tie_word_embeddings=cfg.tie_embeddings,
-        attn_implementation="sdpa",
-    )
+    hf_cfg = transformers.LlamaConfig(**config_to_hf(cfg), attn_implementation="sdpa")
     with torch.device(args.device):
         model = transformers.LlamaForCausalLM(hf_cfg)
 

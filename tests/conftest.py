@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from herd.train import CONFIG_DIR
+from herd.train import compose_config as compose_cfg  # noqa: F401 (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,23 +27,6 @@ FAST = [
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
-
-
-def compose_cfg(config_name: str, overrides: list[str], output_dir: Path):
-    """Compose a config as the entry points would, with Hydra's runtime pointing at output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir.parent)
-        del cfg.hydra
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return cfg
 
 
 @pytest.fixture

@@ -14,7 +14,10 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from herd.callbacks.resume import ExactResume
 from herd.errors import ConfigError
@@ -36,6 +39,25 @@ from herd.utils.run import (
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose a config as the entry points would, with Hydra's runtime pointing at
+    output_dir: `train(compose_config("train", [...], dir))` is a herd-train run from Python
+    (tests, benchmarks, notebooks)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir.parent)
+        del cfg.hydra
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return cfg
 
 
 def instantiate_all(section: DictConfig | None) -> list:
