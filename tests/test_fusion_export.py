@@ -48,7 +48,8 @@ def fusion_from(llama_dir, strategy: str) -> FusionSystem:
 
 
 def a_batch(system: FusionSystem) -> dict:
-    tokenizer, speech_tokens, size, channels = system.data_requirements()
+    spec = system.input_spec()
+    tokenizer, size, channels = spec.tokenizer, spec.image_size, spec.channels
     example = Example(
         "figure",
         "figure 1: <|image|> remark: <|speech|> which digit?",
@@ -56,7 +57,7 @@ def a_batch(system: FusionSystem) -> dict:
         images=(torch.rand(channels, size, size) * 2 - 1,),
         audio=(0.1 * torch.randn(8000),),
     )
-    sample = {**encode_example(example, tokenizer, speech_tokens), "task": "figure"}
+    sample = {**encode_example(example, tokenizer, spec.speech_tokens), "task": "figure"}
     return collate(
         [
             {

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from herd.data.chat import IGNORE_INDEX, chat_ids
+from herd.data.multimodal import ChatInputSpec
 from herd.data.reviews import (
     REVIEW_TASKS,
     ReviewDataModule,
@@ -61,7 +62,7 @@ def small_reviews(**settings) -> ReviewDataModule:
     defaults = {"doc_tokens": [200, 1500], "max_tokens": 512, "train_docs": 40}
     defaults.update(val_per_task=2, test_per_task=6, recording_seconds=[4.0, 8.0])
     data = ReviewDataModule(**{**defaults, **settings})
-    data.setup_for(TOKENIZER, speech_tokens, image_size=32, channels=1)
+    data.setup_for(ChatInputSpec(TOKENIZER, speech_tokens, image_size=32, channels=1))
     data.setup("fit")
     return data
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -168,12 +169,24 @@ def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[
     return out
 
 
+@dataclass(frozen=True)
+class ChatInputSpec:
+    """What the fusion model being trained fixes about its inputs (FusionSystem.input_spec):
+    prompts are encoded with its tokenizer, each clip gets `speech_tokens(num_samples)`
+    placeholders (None: the model has no speech encoder), images are drawn at its image
+    encoder's size and channels."""
+
+    tokenizer: Tokenizer
+    speech_tokens: Callable[[int], int] | None = None
+    image_size: int = 32
+    channels: int = 1
+
+
 class ChatDataModule(HerdDataModule):
-    """What the fusion stage's data modules share: the tokenizer and the speech placeholder
-    count come from the fusion model being trained (`trainer.lightning_module`), so prompts
-    always match it; outside a trainer pass them to `setup_for(tokenizer, speech_tokens,
-    image_size, channels)`. Subclasses fill `self.datasets` in `build_datasets()`.
-    `task_metric` maps each task to the metric that scores its answers."""
+    """What the fusion stage's data modules share: the input spec comes from the fusion model
+    being trained (`trainer.lightning_module.input_spec()`), so prompts always match it;
+    outside a trainer pass one to `setup_for(spec)`. Subclasses fill `self.datasets` in
+    `build_datasets()`. `task_metric` maps each task to the metric that scores its answers."""
 
     task_metric: dict[str, str] = TASK_METRIC
 
@@ -184,9 +197,9 @@ class ChatDataModule(HerdDataModule):
         self.image_size, self.channels = 32, 1
         self.answer_tokens_per_batch: float | None = None  # FusionSystem.training_step
 
-    def setup_for(self, tokenizer, speech_tokens=None, image_size: int = 32, channels: int = 1):
-        self.tokenizer, self.speech_tokens = tokenizer, speech_tokens
-        self.image_size, self.channels = image_size, channels
+    def setup_for(self, spec: ChatInputSpec) -> None:
+        self.tokenizer, self.speech_tokens = spec.tokenizer, spec.speech_tokens
+        self.image_size, self.channels = spec.image_size, spec.channels
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -195,7 +208,7 @@ class ChatDataModule(HerdDataModule):
             system = self.trainer.lightning_module if self.trainer is not None else None
             if system is None:
                 raise ConfigError(f"{type(self).__name__} needs setup_for(...) outside a trainer.")
-            self.setup_for(*system.data_requirements())
+            self.setup_for(system.input_spec())
         self.build_datasets()
 
     def build_datasets(self) -> None:

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore, WordErrorRate
 
 from herd.data.audio import SpecAugment
-from herd.data.multimodal import TASK_METRIC, TASKS
+from herd.data.multimodal import TASK_METRIC, TASKS, ChatInputSpec
 from herd.data.tokenizer import IMAGE, SPEECH, load_tokenizer
 from herd.errors import ConfigError
 from herd.models.fusion import build_fusion_model
@@ -208,14 +208,14 @@ class FusionSystem(HerdSystem):
                     if name + suffix not in metrics:
                         metrics[name + suffix] = _metric(name)
 
-    def data_requirements(self) -> tuple:
-        """(tokenizer, speech placeholder count, image size, image channels) for the data."""
+    def input_spec(self) -> ChatInputSpec:
+        """What this model fixes about its inputs, for the data module (setup_for)."""
         encoder = self.model.image_encoder
         size, channels = (
             (32, 1) if encoder is None else (encoder.config.img_size, encoder.config.in_chans)
         )
         speech_tokens = self.model.speech_tokens if self.model.speech_encoder is not None else None
-        return self.tokenizer, speech_tokens, size, channels
+        return ChatInputSpec(self.tokenizer, speech_tokens, size, channels)
 
     def on_fit_start(self) -> None:
         counts = {f"model/{k}_params": float(v) for k, v in self.parameter_counts.items()}
