@@ -102,6 +102,11 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16, H100/H200")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: the top kernels of herd and transformers steps (SDPA causal) to --out",
+    )
     args = p.parse_args()
 
     if args.smoke:
@@ -156,6 +161,25 @@ def main() -> None:
                 **result,
             }
         )
+
+    if args.profile:
+        for name, build in (
+            ("herd eager, sdpa causal", lambda: herd_step_fn(base, args, "none", False, False)),
+            ("transformers eager, sdpa causal", lambda: transformers_step_fn(base, args)),
+        ):
+            model, loss_fn = build()
+            time_steps(model, loss_fn, tokens, doc_ids, args, 2, 1)  # warm
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if args.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
+                time_steps(model, loss_fn, tokens, doc_ids, args, 0, 2)
+            key = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+            out.write(f"== {name}, 2 steps ==\n")
+            out.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+            del model, loss_fn
+        out.close()
+        return
 
     plans = [
         ("herd eager, flex docs", lambda: herd_step_fn(base, args, "none", False, True), True),

@@ -159,6 +159,12 @@ def test_a_cut_document_keeps_its_question_and_media_match_placeholders(reviews)
     assert metrics["data/truncated_fraction"] == pytest.approx(expected)
     lost = sum(test[i]["evidence_lost"] for i in range(len(test)))
     assert metrics["data/evidence_lost_fraction"] == pytest.approx(lost / len(test))
+    # what the fusion system is told of this data: one typed object
+    facts = reviews.facts()
+    assert facts.truncation == metrics
+    assert facts.evidence_far_tokens == reviews.evidence_far_tokens > 0
+    assert facts.answer_tokens_per_batch == reviews.answer_tokens_per_batch > 0
+    assert set(facts.task_metric) == set(reviews.task_metric)
 
 
 def test_bad_review_settings_name_the_setting():

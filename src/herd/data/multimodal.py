@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -182,6 +182,20 @@ class ChatInputSpec:
     channels: int = 1
 
 
+@dataclass(frozen=True)
+class ChatDataFacts:
+    """What the chat data tells the fusion system once set up (ChatDataModule.facts()): the
+    metric that scores each task (None: its loss alone), the evidence distance beyond which
+    an answer also counts as `_far` (None: no near/far split), the mean answer tokens per
+    training batch (the loss weight that makes every answer token count the same), and the
+    truncation counts to log."""
+
+    task_metric: Mapping[str, str | None] = field(default_factory=lambda: dict(TASK_METRIC))
+    evidence_far_tokens: int | None = None
+    answer_tokens_per_batch: float | None = None
+    truncation: Mapping[str, float] = field(default_factory=dict)
+
+
 class ChatDataModule(HerdDataModule):
     """What the fusion stage's data modules share: the input spec comes from the fusion model
     being trained (`trainer.lightning_module.input_spec()`), so prompts always match it;
@@ -189,6 +203,7 @@ class ChatDataModule(HerdDataModule):
     `build_datasets()`. `task_metric` maps each task to the metric that scores its answers."""
 
     task_metric: dict[str, str] = TASK_METRIC
+    evidence_far_tokens: int | None = None  # review documents split their metrics near/far
 
     def __init__(self):
         super().__init__()
@@ -216,6 +231,19 @@ class ChatDataModule(HerdDataModule):
 
     def collate_fn(self):
         return partial(collate, pad_id=self.tokenizer.pad_id)
+
+    def truncation_metrics(self) -> dict[str, float]:
+        """How much of the samples the context cuts (review documents say; others cut none)."""
+        return {}
+
+    def facts(self) -> ChatDataFacts:
+        """What the fusion system needs to know of this data, after setup()."""
+        return ChatDataFacts(
+            dict(self.task_metric),
+            self.evidence_far_tokens,
+            self.answer_tokens_per_batch,
+            self.truncation_metrics(),
+        )
 
 
 class FusionDataModule(ChatDataModule):

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore, WordErrorRate
 
 from herd.data.audio import SpecAugment
-from herd.data.multimodal import TASK_METRIC, TASKS, ChatInputSpec
+from herd.data.multimodal import TASKS, ChatDataFacts, ChatDataModule, ChatInputSpec
 from herd.data.tokenizer import IMAGE, SPEECH, load_tokenizer
 from herd.errors import ConfigError
 from herd.models.fusion import build_fusion_model
@@ -195,11 +195,15 @@ class FusionSystem(HerdSystem):
         # {split: {logged name: metric}}, built in setup() from the data's tasks
         self.task_metrics = nn.ModuleDict({s: nn.ModuleDict() for s in ("val", "test")})
         self.predictions: dict[str, list[dict]] = {"val": [], "test": []}
+        self.data_facts = ChatDataFacts()  # the data's, from setup()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        task_metric = getattr(datamodule, "task_metric", TASK_METRIC)
-        far = getattr(datamodule, "evidence_far_tokens", None)
+        # after the data's own setup (Lightning's order): the facts of the data being used
+        self.data_facts = (
+            datamodule.facts() if isinstance(datamodule, ChatDataModule) else ChatDataFacts()
+        )
+        task_metric, far = self.data_facts.task_metric, self.data_facts.evidence_far_tokens
         suffixes = ("", "_near", "_far") if far else ("",)
         for split in ("val", "test"):
             metrics = self.task_metrics[split]
@@ -220,8 +224,7 @@ class FusionSystem(HerdSystem):
     def on_fit_start(self) -> None:
         counts = {f"model/{k}_params": float(v) for k, v in self.parameter_counts.items()}
         # how much of the documents the context cuts (review documents), in TensorBoard too
-        truncation = getattr(self.trainer.datamodule, "truncation_metrics", None)
-        counts.update(truncation() if truncation else {})
+        counts.update(self.data_facts.truncation)
         for logger in self.loggers:
             if hasattr(logger, "log_metrics"):
                 logger.log_metrics(counts, step=0)
@@ -247,7 +250,7 @@ class FusionSystem(HerdSystem):
         # bucketed by length and so nearly one task each; a per-batch mean would give a
         # two-token image answer the weight of a twelve-token transcript (measured: ASR WER
         # 0.48 -> 0.63 and translation BLEU 15 -> 0 at step 400).
-        per_batch = getattr(self.trainer.datamodule, "answer_tokens_per_batch", None)
+        per_batch = self.data_facts.answer_tokens_per_batch
         return loss * n_tokens / per_batch if per_batch else loss
 
     def answer(self, batch: dict, b: int) -> str:
@@ -272,9 +275,7 @@ class FusionSystem(HerdSystem):
     def _eval_step(self, batch: dict, split: str) -> None:
         loss, n_tokens = self.loss(batch)
         self.eval_loss[split].update(loss, weight=n_tokens)
-        datamodule = self.trainer.datamodule
-        task_metric = getattr(datamodule, "task_metric", TASK_METRIC)
-        far = getattr(datamodule, "evidence_far_tokens", None)
+        task_metric, far = self.data_facts.task_metric, self.data_facts.evidence_far_tokens
         distances = batch.get("evidence_distance")
         metrics = self.task_metrics[split]
         for b, task in enumerate(batch["task"]):
