@@ -294,6 +294,45 @@ def test_short_real_fusion_run_learns_and_reopens(tmp_path):
     system = load_system(run / "checkpoints" / "last.ckpt")
     assert type(system).__name__ == "FusionSystem"
     assert system.model.image_encoder is not None and system.model.speech_encoder is not None
+    # full fine-tuning: the optimizer held every parameter (the gradients are another test's)
+    trained = json.loads((run / "trained_parameters.json").read_text())
+    assert trained["optimizer"] == trained["all"]
+    assert any(part.startswith("decoder.layers.") for part in trained["optimizer"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["adapter", "lora"])
+def test_trained_parameters_are_read_from_the_optimizer(tmp_path, strategy):
+    """What trained, from the optimizer and the gradients of its steps: under the frozen-LM
+    recipes no decoder weight is in the optimizer; under lora exactly its LoRA matrices are,
+    and they receive gradients."""
+    from herd.callbacks.trained_parameters import read_summary
+    from herd.report import build_report
+    from herd.train import train
+
+    from .conftest import compose_cfg
+
+    overrides = [*TINY_FUSION, f"finetune={strategy}", "trainer.max_steps=4", "test=false"]
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    train(cfg)
+    trained = read_summary(tmp_path / "run")
+    in_optimizer, with_grad = trained["optimizer"], trained["gradients"]
+    decoder = [part for part in in_optimizer if part.startswith("decoder.")]
+    layers = [p for p in trained["all"] if p.startswith("decoder.layers.") and "LoRA" not in p]
+    assert layers == ["decoder.layers.0-1"]  # the tiny flavor's two layers, as one part
+    if strategy == "adapter":
+        assert decoder == []
+    else:
+        assert decoder == ["decoder.layers.0-1 (LoRA)"], decoder
+        assert with_grad[decoder[0]] == in_optimizer[decoder[0]]
+    adapters = [p for p in trained["all"] if p.startswith(("speech_adapter", "cross_attention"))]
+    assert adapters and all(in_optimizer.get(p) == trained["all"][p] for p in adapters)
+    assert set(with_grad) <= set(in_optimizer)  # a gradient only where the optimizer looks
+    assert with_grad["image_projection"] == in_optimizer["image_projection"]  # images were seen
+    (tmp_path / "run" / ".hydra").mkdir()  # what herd-train's Hydra run leaves (compose does not)
+    (tmp_path / "run" / ".hydra" / "overrides.yaml").write_text(f"- finetune={strategy}\n")
+    report = build_report(tmp_path / "run")
+    assert "## Trained parameters" in report and "decoder.layers.0" in report
 
 
 # ----------------------------------------------------------------------------- many media

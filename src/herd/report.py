@@ -44,6 +44,7 @@ from pathlib import Path
 
 import yaml
 
+from herd.callbacks.trained_parameters import read_summary
 from herd.errors import ConfigError
 
 # The override key that names a repetition, not a setting.
@@ -252,6 +253,49 @@ def write_csv(path: Path, rows: list[dict], keys: list[str], metrics: list[str])
                 cells += ["" if mean is None else mean, "" if std is None else std]
             cells.append(" ".join(row["jobs"]))
             writer.writerow(cells)
+
+
+def trained_parameters_table(rows: list[dict], jobs_by_name: dict[str, dict]) -> str | None:
+    """Per setting, the parameters each module part had in the optimizer and that received
+    a gradient during training (trained_parameters.json, written by TrainedParameters):
+    'gradients / optimizer', '—' for a part the optimizer did not hold. None when no job
+    recorded it. A setting whose seeds disagree says so instead of hiding it."""
+    summaries = {}
+    for row in rows:
+        found = [read_summary(jobs_by_name[name]["dir"]) for name in row["jobs"]]
+        found = [f for f in found if f is not None]
+        if found:
+            key = setting_label(row["setting"])
+            same = all(
+                (f["optimizer"], f["gradients"]) == (found[0]["optimizer"], found[0]["gradients"])
+                for f in found
+            )
+            summaries[key] = (found[0], same, len(found))
+    if not summaries:
+        return None
+    parts = list(dict.fromkeys(p for s, _, _ in summaries.values() for p in s["all"]))
+    header = ["part", "parameters", *summaries]
+    body = []
+    for part in parts:
+        total = next(s["all"][part] for s, _, _ in summaries.values() if part in s["all"])
+        cells = [part, f"{total:,}"]
+        for summary, _, _ in summaries.values():
+            in_opt = summary["optimizer"].get(part)
+            got = (summary["gradients"] or {}).get(part)
+            cells.append("—" if not in_opt else f"{got or 0:,} / {in_opt:,}")
+        body.append(cells)
+    body.append(
+        ["total trained", ""]
+        + [
+            f"{s.get('gradients_total', 0):,} / {s['optimizer_total']:,}"
+            for s, _, _ in summaries.values()
+        ]
+    )
+    body.append(
+        ["seeds agree", ""]
+        + [f"{'yes' if same else 'NO'} ({n} jobs)" for _, same, n in summaries.values()]
+    )
+    return markdown_table(header, body)
 
 
 # --------------------------------------------------------------------------- claims
@@ -713,6 +757,15 @@ def build_report(root: Path, claims_file: Path | None = None, baseline=None, tre
     if failed or unstarted:
         sections += ["## Missing or failed jobs", missing_markdown(root, failed, unstarted)]
     jobs_by_name = {job["name"]: job for job in finished}
+    trained = trained_parameters_table(rows, jobs_by_name)
+    if trained:
+        sections += [
+            "## Trained parameters",
+            "Read from each job, not from its config: per module part, the parameters that "
+            "received a gradient during training / those the optimizer held ('—': not in "
+            "the optimizer).",
+            trained,
+        ]
     plots = []
     if plot_loss_curves(root / "loss_curves.png", rows, jobs_by_name):
         plots.append("![loss curves](loss_curves.png)")

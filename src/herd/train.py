@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import hydra
@@ -131,6 +132,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     reset_peak_memory(trainer.strategy.root_device)
+    fit_seconds = None
     if cfg.train:
         if ckpt_path:
             log.info("Resuming from %s", ckpt_path)
@@ -141,7 +143,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     "implementation can make the losses after this resume differ in their last "
                     "bits from an uninterrupted run; trainer.deterministic=true avoids that."
                 )
+        started = time.perf_counter()
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        fit_seconds = time.perf_counter() - started
     # a run resumed after its last step trains nothing: its checkpoint has the fit metrics
     fit_metrics = {**exact_resume.restored_metrics, **trainer.callback_metrics}
 
@@ -156,8 +160,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # trivial baselines the data module knows (e.g. a unigram model's loss, chance accuracy)
     references = datamodule.reference_metrics() if hasattr(datamodule, "reference_metrics") else {}
-    memory = {"perf/peak_memory_gb": peak_memory_gb(trainer.strategy.root_device)}
-    metrics = final_metrics(fit_metrics, test_metrics, references, memory)
+    perf = {"perf/peak_memory_gb": peak_memory_gb(trainer.strategy.root_device)}
+    if fit_seconds is not None:  # wall time of training with its validation, not the test
+        perf["perf/fit_wall_s"] = fit_seconds
+    metrics = final_metrics(fit_metrics, test_metrics, references, perf)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         log_hparams(trainer.loggers, cfg, metrics, step=trainer.global_step)
         # last, in this order: a run counts as finished once both exist (see finished_metrics)

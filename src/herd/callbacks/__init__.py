@@ -6,6 +6,7 @@ from herd.callbacks.resume import ExactResume
 from herd.callbacks.samples import TextSamples
 from herd.callbacks.speech import SpeechSamples
 from herd.callbacks.throughput import TokenThroughput
+from herd.callbacks.trained_parameters import TrainedParameters
 from herd.callbacks.vision import ConfusionMatrix, ImagePredictions, ImageThroughput
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "SpeechSamples",
     "TextSamples",
     "TokenThroughput",
+    "TrainedParameters",
 ]
