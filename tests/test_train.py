@@ -4,12 +4,14 @@ resume and 2-process DDP work, and bad options fail with one clear line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from herd.callbacks.layout import LAYOUT
 from herd.models.llama import LlamaConfig
 from herd.train import train
 
@@ -81,6 +83,13 @@ def test_short_real_training_run_learns_and_leaves_a_complete_run_dir(train_cfg)
     assert len(samples[-1].tensor_proto.string_val[0].decode()) > 100
     hparams_tags = acc.summary_metadata
     assert any(meta.plugin_data.plugin_name == "hparams" for meta in hparams_tags.values())
+    # the Custom Scalars layout is written, and its loss chart finds both curves
+    assert any(meta.plugin_data.plugin_name == "custom_scalars" for meta in hparams_tags.values())
+    (loss_chart,) = LAYOUT["herd"]["train and validation loss"][1]
+    assert {t for t in values if re.search(loss_chart, t)} == {"train/loss", "val/loss"}
+    # what trained, read from the optimizer: the whole decoder, every part with gradients
+    trained = json.loads((run_dir / "trained_parameters.json").read_text())
+    assert trained["optimizer"] == trained["all"] == trained["gradients"]
 
 
 def test_evaluate_and_resume_from_last_checkpoint(tmp_path):

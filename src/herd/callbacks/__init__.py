@@ -1,5 +1,6 @@
 from herd.callbacks.context import ContextSchedule
 from herd.callbacks.fusion import FusionSamples
+from herd.callbacks.layout import ScalarLayout
 from herd.callbacks.nonfinite import NonFiniteGuard
 from herd.callbacks.passkey import PasskeyRetrieval
 from herd.callbacks.resume import ExactResume
@@ -18,6 +19,7 @@ __all__ = [
     "ImageThroughput",
     "NonFiniteGuard",
     "PasskeyRetrieval",
+    "ScalarLayout",
     "SpeechSamples",
     "TextSamples",
     "TokenThroughput",

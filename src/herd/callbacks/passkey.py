@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from herd.data.passkey import make_passkey_sample
 from herd.errors import ConfigError
 from herd.models.llama import generate
+from herd.systems.common import eval_mode
 
 log = logging.getLogger(__name__)
 ANSWER_ROOM = 8  # tokens kept free for the five-digit answer (however it tokenises) and a stop
@@ -34,26 +35,24 @@ def passkey_accuracy(
     seed: int = 0,
 ) -> dict[tuple[int, float], float]:
     """Greedy-decoding exact-match accuracy of the key for every (length, depth) cell."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rng = random.Random(seed)
-    grid = {}
-    for length in lengths:
-        for depth in depths:
-            correct = 0
-            for _ in range(samples_per_cell):
-                # The prompt leaves room for the answer inside `length` (the model's context).
-                sample = make_passkey_sample(
-                    tokenizer, length - ANSWER_ROOM, depth, rng, filler_texts
-                )
-                prompt = torch.tensor([sample.tokens], device=device)
-                out = generate(model, prompt, max_new_tokens=ANSWER_ROOM)
-                correct += tokenizer.decode(out[0, len(sample.tokens) :].tolist()).startswith(
-                    sample.answer
-                )
-            grid[(length, depth)] = correct / samples_per_cell
-    model.train(was_training)
+    with eval_mode(model):
+        device = next(model.parameters()).device
+        rng = random.Random(seed)
+        grid = {}
+        for length in lengths:
+            for depth in depths:
+                correct = 0
+                for _ in range(samples_per_cell):
+                    # The prompt leaves room for the answer inside `length` (the model's context).
+                    sample = make_passkey_sample(
+                        tokenizer, length - ANSWER_ROOM, depth, rng, filler_texts
+                    )
+                    prompt = torch.tensor([sample.tokens], device=device)
+                    out = generate(model, prompt, max_new_tokens=ANSWER_ROOM)
+                    correct += tokenizer.decode(out[0, len(sample.tokens) :].tolist()).startswith(
+                        sample.answer
+                    )
+                grid[(length, depth)] = correct / samples_per_cell
     return grid
 
 

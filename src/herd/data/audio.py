@@ -7,7 +7,6 @@ as mono float32 at the model's sample rate.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import soundfile as sf
@@ -106,10 +105,6 @@ class SpecAugment(nn.Module):
         for _ in range(self.time_masks):
             spec = self.time_masking(spec, mask_value=0.0)
         return spec.squeeze(1).transpose(1, 2)
-
-
-def choose_speed(rng: random.Random, factors: list[float] | tuple[float, ...]) -> float:
-    return rng.choice(list(factors)) if factors else 1.0
 
 
 __all__ = ["SAMPLE_RATE", "SpecAugment", "audio_duration", "read_audio", "speed_perturb"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -61,6 +63,18 @@ def build_optimization(
         total_steps = int(module.trainer.estimated_stepping_batches)
     scheduler = hydra.utils.instantiate(scheduler_cfg)(optimizer, total_steps=total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode inside the block, back in the mode it had afterwards (samples
+    and predictions drawn in the middle of training must not leave it in eval mode)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def grad_norm(module: nn.Module) -> torch.Tensor:

@@ -12,7 +12,7 @@ from herd.data.tokenizer import load_tokenizer
 from herd.errors import ConfigError
 from herd.models.llama import FLAVORS, Llama, LlamaConfig, generate
 from herd.models.pretrained import load_pretrained_llama
-from herd.systems.common import HerdSystem
+from herd.systems.common import HerdSystem, eval_mode
 from herd.systems.losses import chunked_cross_entropy
 from herd.systems.techniques import apply_training_techniques, check_checkpointing_mode
 from herd.utils.config import plain
@@ -161,16 +161,14 @@ class LanguageSystem(HerdSystem):
         self, prompts: list[list[int]], max_new_tokens: int = 48, **sampling
     ) -> list[str]:
         """Continue each prompt (token ids) and return prompt + continuation as text."""
-        was_training = self.model.training
-        self.model.eval()
         out = []
-        for ids in prompts:
-            tokens = torch.tensor([ids], device=self.device)
-            result = generate(
-                self.model, tokens, max_new_tokens, eos_id=self.tokenizer.eos_id, **sampling
-            )
-            out.append(self.tokenizer.decode(result[0].tolist()))
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            for ids in prompts:
+                tokens = torch.tensor([ids], device=self.device)
+                result = generate(
+                    self.model, tokens, max_new_tokens, eos_id=self.tokenizer.eos_id, **sampling
+                )
+                out.append(self.tokenizer.decode(result[0].tolist()))
         return out
 
     def training_flops(self, batch: dict) -> float:

@@ -22,7 +22,7 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 from herd.data.audio import SpecAugment
 from herd.data.speech import CharVocabulary
 from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
-from herd.systems.common import HerdSystem
+from herd.systems.common import HerdSystem, eval_mode
 from herd.utils.config import plain
 
 
@@ -102,10 +102,10 @@ class SpeechSystem(HerdSystem):
 
     @torch.no_grad()
     def transcribe(self, waveforms: torch.Tensor, wave_lengths: torch.Tensor) -> list[str]:
-        was_training = self.training
-        self.eval()
-        log_probs, lengths = self.log_probs(waveforms.to(self.device), wave_lengths.to(self.device))
-        self.train(was_training)
+        with eval_mode(self):
+            log_probs, lengths = self.log_probs(
+                waveforms.to(self.device), wave_lengths.to(self.device)
+            )
         return self.decode(log_probs, lengths)
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:

@@ -10,7 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from herd.errors import ConfigError
 from herd.models.vision import ImageEncoder, ImageEncoderConfig
-from herd.systems.common import HerdSystem
+from herd.systems.common import HerdSystem, eval_mode
 from herd.utils.config import plain
 
 
@@ -106,11 +106,8 @@ class VisionSystem(HerdSystem):
     @torch.no_grad()
     def predict_labels(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, C, S, S] -> predicted class ids [B], in eval mode."""
-        was_training = self.training
-        self.eval()
-        preds = self(images.to(self.device)).argmax(dim=-1)
-        self.train(was_training)
-        return preds
+        with eval_mode(self):
+            return self(images.to(self.device)).argmax(dim=-1)
 
 
 __all__ = ["VisionSystem"]
