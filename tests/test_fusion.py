@@ -301,7 +301,7 @@ def test_short_real_fusion_run_learns_and_reopens(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["adapter", "lora"])
+@pytest.mark.parametrize("strategy", ["partial", "adapter", "lora"])
 def test_trained_parameters_are_read_from_the_optimizer(tmp_path, strategy):
     """What trained, from the optimizer and the gradients of its steps: under the frozen-LM
     recipes no decoder weight is in the optimizer; under lora exactly its LoRA matrices are,
@@ -313,6 +313,7 @@ def test_trained_parameters_are_read_from_the_optimizer(tmp_path, strategy):
     from .conftest import compose_cfg
 
     overrides = [*TINY_FUSION, f"finetune={strategy}", "trainer.max_steps=4", "test=false"]
+    overrides += ["finetune.top_layers=1"] if strategy == "partial" else []
     cfg = compose_cfg("train", overrides, tmp_path / "run")
     train(cfg)
     trained = read_summary(tmp_path / "run")
@@ -320,7 +321,11 @@ def test_trained_parameters_are_read_from_the_optimizer(tmp_path, strategy):
     decoder = [part for part in in_optimizer if part.startswith("decoder.")]
     layers = [p for p in trained["all"] if p.startswith("decoder.layers.") and "LoRA" not in p]
     assert layers == ["decoder.layers.0-1"]  # the tiny flavor's two layers, as one part
-    if strategy == "adapter":
+    if strategy == "partial":  # the top layer of two, and the final norm
+        assert decoder == ["decoder.layers.0-1", "decoder.norm"], decoder
+        assert trained["optimizer_layers"] == {"decoder.layers.0-1": "1"}
+        assert in_optimizer["decoder.layers.0-1"] == trained["all"]["decoder.layers.0-1"] // 2
+    elif strategy == "adapter":
         assert decoder == []
     else:
         assert decoder == ["decoder.layers.0-1 (LoRA)"], decoder
@@ -333,6 +338,8 @@ def test_trained_parameters_are_read_from_the_optimizer(tmp_path, strategy):
     (tmp_path / "run" / ".hydra" / "overrides.yaml").write_text(f"- finetune={strategy}\n")
     report = build_report(tmp_path / "run")
     assert "## Trained parameters" in report and "decoder.layers.0" in report
+    if strategy == "partial":
+        assert "(layers 1)" in report
 
 
 # ----------------------------------------------------------------------------- many media

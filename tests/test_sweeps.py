@@ -105,6 +105,29 @@ def test_report_of_a_tiny_sweep_has_one_row_per_setting_with_mean_and_std(tiny_s
 
 
 @pytest.mark.slow
+def test_a_sweep_reads_at_a_glance_in_tensorboard(tiny_sweep):
+    """What TensorBoard shows of the sweep: runs named by their settings, and an HParams
+    table whose first columns are the swept settings and whose first metrics are test/val
+    ones (read from the experiment summary each run writes, which the HParams tab reads)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    runs = sorted(p.name for p in tiny_sweep.iterdir() if p.is_dir())
+    assert (
+        runs[0].startswith("0_") and "model.optimizer.lr=0.001" in runs[0] and "seed=1" in runs[0]
+    )
+    events = EventAccumulator(str(tiny_sweep / runs[0]))
+    events.Reload()
+    meta = events.summary_metadata["_hparams_/experiment"].plugin_data.content
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(meta).experiment
+    hparams = [info.name for info in experiment.hparam_infos]
+    assert hparams[:2] == ["model.optimizer.lr", "seed"], hparams[:6]
+    assert "trainer.max_steps" in hparams[:8]  # the other command-line settings next
+    metrics = [info.name.tag for info in experiment.metric_infos]
+    assert metrics[0].startswith(("final/test/", "final/val/")), metrics[:4]
+
+
+@pytest.mark.slow
 def test_same_seed_reproduces_the_metrics_and_another_seed_does_not(tiny_sweep, tmp_path):
     # the third job of the sweep (lr=0.003, seed=1) ran after two others in the same process;
     # a fresh process with the same settings must give the very same numbers

@@ -5,12 +5,13 @@ from herd.callbacks.nonfinite import NonFiniteGuard
 from herd.callbacks.passkey import PasskeyRetrieval
 from herd.callbacks.resume import ExactResume
 from herd.callbacks.samples import TextSamples
-from herd.callbacks.speech import SpeechSamples
+from herd.callbacks.speech import AudioThroughput, SpeechSamples
 from herd.callbacks.throughput import TokenThroughput
 from herd.callbacks.trained_parameters import TrainedParameters
 from herd.callbacks.vision import ConfusionMatrix, ImagePredictions, ImageThroughput
 
 __all__ = [
+    "AudioThroughput",
     "ConfusionMatrix",
     "ContextSchedule",
     "ExactResume",

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from herd.callbacks.throughput import StepRate
 from herd.data.speech import collate_clips
 
 
@@ -83,3 +84,17 @@ def _mel_figure(mel: torch.Tensor, reference: str, hypothesis: str):
     ax.set_title(f"ref: {reference}\nhyp: {hypothesis}", fontsize=8, loc="left")
     fig.tight_layout()
     return fig
+
+
+class AudioThroughput(StepRate):
+    """Logs `perf/audio_seconds_per_sec`: seconds of speech trained on per second of a
+    training step (per device, averaged over `window` steps), timed like tokens and images."""
+
+    def __init__(self, window: int = 10, lengths_key: str = "wave_lengths"):
+        super().__init__(window)
+        self.lengths_key = lengths_key
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seconds = batch[self.lengths_key].sum().item() / pl_module.model.config.sample_rate
+        rate = self.rate(trainer, seconds)
+        pl_module.log("perf/audio_seconds_per_sec", rate, on_step=True, on_epoch=False)

@@ -16,29 +16,48 @@ import lightning as L
 FILE = "trained_parameters.json"
 
 
-def module_parts(sizes: dict[str, int]) -> dict[str, int]:
+def module_parts(
+    sizes: dict[str, int], subset: set[str] | None = None
+) -> tuple[dict[str, int], dict[str, str]]:
     """{parameter name: numel} summed into readable parts: the module path up to its first
-    layer index (`decoder.layers.3`), else its first two names, with the indices of
-    otherwise equal paths merged into ranges (`decoder.layers.4-5`) and LoRA matrices kept
-    apart from the weights they adapt (`decoder.layers.0-5 (LoRA)`). A first name that every
-    parameter shares (a system's `model.`) is left out."""
-    grouped: dict[tuple[str, str], dict[int | None, int]] = {}
+    layer index, else its first two names, with the indices of otherwise equal paths merged
+    into ranges (`decoder.layers.0-5`) and LoRA matrices kept apart from the weights they
+    adapt (`decoder.layers.0-5 (LoRA)`). A first name that every parameter shares (a
+    system's `model.`) is left out.
+
+    Parts are named from all of `sizes`; with `subset` (e.g. the names the optimizer holds)
+    only its parameters are counted, so the counts line up with the whole model's parts.
+    Returns ({part: parameters}, {part: the layer indices counted, where only some are,
+    e.g. '4-5'})."""
     heads = {name.split(".", 1)[0] for name in sizes}
     shared = len(heads) == 1 and all("." in name for name in sizes)  # a system's `model.`
-    for name, numel in sizes.items():
+    groups: dict[tuple[str, str], set[int]] = {}
+    where: dict[str, tuple[tuple[str, str], int | None]] = {}
+    for name in sizes:
         names = name.split(".")[1:] if shared else name.split(".")
         index = next((i for i, n in enumerate(names[:-1]) if n.isdigit()), None)
         path = names[:index] if index is not None else names[: min(2, len(names) - 1) or 1]
         tag = " (LoRA)" if any(n.startswith("lora_") for n in names) else ""
-        slot = grouped.setdefault((".".join(path), tag), {})
         layer = int(names[index]) if index is not None else None
-        slot[layer] = slot.get(layer, 0) + numel
-    parts = {}
-    for (path, tag), layers in sorted(grouped.items()):
-        indices = sorted(i for i in layers if i is not None)
-        label = path + (f".{index_ranges(indices)}" if indices else "") + tag
-        parts[label] = sum(layers.values())
-    return parts
+        where[name] = ((".".join(path), tag), layer)
+        groups.setdefault(where[name][0], set()).update([] if layer is None else [layer])
+    labels = {
+        key: key[0] + (f".{index_ranges(sorted(layers))}" if layers else "") + key[1]
+        for key, layers in sorted(groups.items())
+    }
+    counts: dict[str, int] = {}
+    counted_layers: dict[str, set[int]] = {}
+    for name in sorted(sizes if subset is None else subset & set(sizes)):
+        key, layer = where[name]
+        counts[labels[key]] = counts.get(labels[key], 0) + sizes[name]
+        counted_layers.setdefault(labels[key], set()).update([] if layer is None else [layer])
+    parts = {label: counts[label] for label in labels.values() if label in counts}
+    some_layers = {
+        labels[key]: index_ranges(sorted(counted_layers[labels[key]]))
+        for key, layers in groups.items()
+        if labels[key] in counted_layers and counted_layers[labels[key]] != layers
+    }
+    return parts, some_layers
 
 
 def index_ranges(indices: list[int]) -> str:
@@ -52,16 +71,25 @@ def index_ranges(indices: list[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
+def cell(summary: dict, part: str, side: str) -> str:
+    """A part's count on one side ("optimizer" or "gradients"), with the layers where only
+    some are counted: '1,508,352 (layers 4-5)'; '—' for none."""
+    count = (summary.get(side) or {}).get(part)
+    if not count:
+        return "—"
+    layers = (summary.get(f"{side}_layers") or {}).get(part)
+    return f"{count:,}" + (f" (layers {layers})" if layers else "")
+
+
 def markdown(summary: dict) -> str:
     rows = [
         "| part | parameters | in the optimizer | received a gradient |",
         "|---|---|---|---|",
     ]
     for part, numel in summary["all"].items():
-        in_opt = summary["optimizer"].get(part, 0)
-        grads = summary["gradients"].get(part) if summary["gradients"] is not None else None
         rows.append(
-            f"| {part} | {numel:,} | {in_opt:,} | {'—' if grads is None else f'{grads:,}'} |"
+            f"| {part} | {numel:,} | {cell(summary, part, 'optimizer')} | "
+            f"{cell(summary, part, 'gradients')} |"
         )
     return "\n".join(rows)
 
@@ -74,6 +102,7 @@ class TrainedParameters(L.Callback):
 
     def __init__(self) -> None:
         self.summary: dict | None = None
+        self._sizes: dict[str, int] = {}
         self._with_grad: set[str] = set()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -86,10 +115,13 @@ class TrainedParameters(L.Callback):
             for p in group["params"]
             if id(p) in names  # a strategy may have wrapped or flattened parameters
         }
+        self._sizes = {n: p.numel() for n, p in named.items()}
+        optimizer, optimizer_layers = module_parts(self._sizes, in_optimizer)
         self.summary = {
-            "all": module_parts({n: p.numel() for n, p in named.items()}),
-            "optimizer": module_parts({n: named[n].numel() for n in in_optimizer}),
-            "optimizer_total": sum(named[n].numel() for n in in_optimizer),
+            "all": module_parts(self._sizes)[0],
+            "optimizer": optimizer,
+            "optimizer_layers": optimizer_layers,
+            "optimizer_total": sum(self._sizes[n] for n in in_optimizer),
         }
         self._with_grad = set()
 
@@ -99,10 +131,11 @@ class TrainedParameters(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or self.summary is None:
             return
-        named = dict(pl_module.named_parameters())
-        grads = {n: named[n].numel() for n in self._with_grad if n in named}
-        self.summary["gradients"] = module_parts(grads)
-        self.summary["gradients_total"] = sum(grads.values())
+        with_grad = self._with_grad & set(self._sizes)
+        self.summary["gradients"], self.summary["gradients_layers"] = module_parts(
+            self._sizes, with_grad
+        )
+        self.summary["gradients_total"] = sum(self._sizes[n] for n in with_grad)
         self.summary["steps"] = trainer.global_step
         path = Path(trainer.default_root_dir) / FILE
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from herd.utils.config import sweep_choices
+
 # The override key that names a repetition, not a setting.
 SEED_KEY = "seed"
 # A log line worth quoting for a failed job.
@@ -92,23 +94,13 @@ def never_started(root: Path, jobs: list[dict]) -> list[str]:
         ("${hydra.job.num}", "${herd_job_name:${hydra.job.num}")
     ):
         return []
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     task = list((hydra_cfg.get("overrides") or {}).get("task") or [])
     task += [f"{k}={v}" for k, v in ((hydra_cfg.get("sweeper") or {}).get("params") or {}).items()]
-    try:  # the basic sweeper's order: the cartesian product of the overrides, as written
-        choices = []
-        for override in OverridesParser.create().parse_overrides(task):
-            key = override.get_key_element()
-            if not override.is_sweep_override():
-                choices.append([f"{key}={override.get_value_element_as_str()}"])
-            elif override.is_discrete_sweep():
-                choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-            else:  # an interval sweep: the basic sweeper cannot run it either
-                return []
-    except Exception:  # an unparsable listing must not stop the report
+    choices = sweep_choices(task)
+    if choices is None:  # an unparsable listing must not stop the report
         return []
-    planned = list(itertools.product(*choices))
+    # the basic sweeper's order: the cartesian product of the overrides, as written
+    planned = list(itertools.product(*(values for _, values in choices)))
     present = {job["name"].split("_", 1)[0] for job in jobs}  # "3" or "3_context=2k,..."
     return [
         f"{num} ({' '.join(overrides)})"

@@ -7,7 +7,7 @@ import csv
 import statistics
 from pathlib import Path
 
-from herd.callbacks.trained_parameters import read_summary
+from herd.callbacks.trained_parameters import cell, read_summary
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -122,10 +122,8 @@ def trained_parameters_table(rows: list[dict], jobs_by_name: dict[str, dict]) ->
         found = [f for f in found if f is not None]
         if found:
             key = setting_label(row["setting"])
-            same = all(
-                (f["optimizer"], f["gradients"]) == (found[0]["optimizer"], found[0]["gradients"])
-                for f in found
-            )
+            sides = ("optimizer", "optimizer_layers", "gradients", "gradients_layers")
+            same = all([f.get(k) for k in sides] == [found[0].get(k) for k in sides] for f in found)
             summaries[key] = (found[0], same, len(found))
     if not summaries:
         return None
@@ -136,9 +134,10 @@ def trained_parameters_table(rows: list[dict], jobs_by_name: dict[str, dict]) ->
         total = next(s["all"][part] for s, _, _ in summaries.values() if part in s["all"])
         cells = [part, f"{total:,}"]
         for summary, _, _ in summaries.values():
-            in_opt = summary["optimizer"].get(part)
-            got = (summary["gradients"] or {}).get(part)
-            cells.append("—" if not in_opt else f"{got or 0:,} / {in_opt:,}")
+            in_opt = cell(summary, part, "optimizer")
+            cells.append(
+                in_opt if in_opt == "—" else f"{cell(summary, part, 'gradients')} / {in_opt}"
+            )
         body.append(cells)
     body.append(
         ["total trained", ""]

@@ -11,8 +11,6 @@ only and stays here.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,10 +71,6 @@ class SpeechSystem(HerdSystem):
         self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.wer = nn.ModuleDict({"val": WordErrorRate(), "test": WordErrorRate()})
         self.cer = nn.ModuleDict({"val": CharErrorRate(), "test": CharErrorRate()})
-        self._last_step_time: float | None = None
-
-    def on_train_epoch_start(self) -> None:
-        self._last_step_time = None  # nor is building the next epoch's loader
 
     # -- model ------------------------------------------------------------------------------
 
@@ -117,18 +111,6 @@ class SpeechSystem(HerdSystem):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self.loss(batch)
         batch_size = len(batch["texts"])
-        # throughput: seconds of speech trained on per second of wall time (step to step)
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            audio_seconds = batch["wave_lengths"].sum().item() / self.model.config.sample_rate
-            self.log(
-                "perf/audio_seconds_per_sec",
-                audio_seconds / (now - self._last_step_time),
-                on_step=True,
-                on_epoch=False,
-                batch_size=batch_size,
-            )
-        self._last_step_time = now
         self.log(
             "train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size
         )
@@ -147,10 +129,6 @@ class SpeechSystem(HerdSystem):
             value = metric[split].compute()
             metric[split].reset()
             self.log(f"{split}/{name}", value, prog_bar=split == "val" and name != "cer")
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self._last_step_time = None  # the validation pause is not training time
 
 
 __all__ = ["SpeechSystem", "ctc_greedy_decode"]

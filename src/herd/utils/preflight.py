@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from herd.errors import ConfigError
+from herd.utils.config import swept_keys
 
 GPU_ONLY_STRATEGIES = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}
 GPU_ONLY_PRECISIONS = {
@@ -47,12 +48,24 @@ OmegaConf.register_new_resolver(
 
 def job_name(num, overrides: str) -> str:
     """A sweep job's directory, and so its run name in TensorBoard: its number and the
-    settings given on the command line (hydra.job.override_dirname), e.g.
-    "3_context=2k,seed=2". Path-valued settings are left out; the rest is kept to
-    filesystem-safe characters and 120 of them."""
+    settings given on the command line (hydra.job.override_dirname), the swept ones first,
+    e.g. "3_context=2k,seed=2,trainer.max_steps=50". Path-valued settings are left out; the
+    rest is kept to filesystem-safe characters and 120 of them."""
     kept = [item.lstrip("+~") for item in str(overrides).split(",") if item and "/" not in item]
+    swept = sweep_keys_of_this_job()
+    kept.sort(key=lambda item: item.split("=", 1)[0] not in swept)  # stable: else as given
     name = re.sub(r"[^A-Za-z0-9._=,\-\[\]]", "_", ",".join(kept))[:120]
     return f"{num}_{name}" if name else str(num)
+
+
+def sweep_keys_of_this_job() -> list[str]:
+    """The keys the running multirun varies ([] outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return swept_keys(HydraConfig.get().sweep.dir)
+    except Exception:  # not inside a Hydra job, or its config is not complete yet
+        return []
 
 
 OmegaConf.register_new_resolver("herd_job_name", job_name, replace=True)

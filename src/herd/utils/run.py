@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from herd.errors import ConfigError
+from herd.utils.config import sweep_choices, swept_keys
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ FINISHED = "finished.json"
 # the progress bar and the model summary change no result.
 JOB_SECTIONS = ("model", "data", "trainer", "seed", "train", "test")
 COSMETIC = {"trainer.enable_progress_bar", "trainer.enable_model_summary"}
+# Command-line settings that say how to run a job, not what it computes.
+SETTINGS_NOT_COMPUTED = COSMETIC | {"auto_resume", "ckpt_path"}
 
 
 def final_metrics(*metric_dicts) -> dict[str, float]:
@@ -160,10 +164,12 @@ def provenance_of(cfg: DictConfig) -> dict:
 
 
 def hparams_of(cfg: DictConfig) -> dict:
-    """The run's hyper-parameters: chosen config-group options plus the resolved model,
-    data and trainer settings (instantiation keys dropped)."""
+    """The run's hyper-parameters: its command-line settings (swept ones first), chosen
+    config-group options, and the resolved model, data and trainer settings (instantiation
+    keys dropped)."""
     params: dict = {}
     if HydraConfig.initialized():
+        params.update(command_line_settings())  # first: the HParams tab's leading columns
         choices = HydraConfig.get().runtime.choices
         params.update(
             {f"choice/{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")}
@@ -173,6 +179,21 @@ def hparams_of(cfg: DictConfig) -> dict:
         if section in container:
             params[section] = container[section]
     return _drop_instantiation_keys(params)
+
+
+def command_line_settings() -> dict[str, str]:
+    """This job's command-line settings, the keys its sweep varies first: the HParams tab's
+    leading columns (paths and settings that do not change what is computed left out)."""
+    hydra_cfg = HydraConfig.get()
+    settings = {}
+    for key, values in sweep_choices(list(hydra_cfg.overrides.task)) or []:
+        value = values[0].split("=", 1)[1]
+        name = key.lstrip("+~")
+        if "/" not in value and name not in SETTINGS_NOT_COMPUTED and not name.startswith("hydra"):
+            settings[name] = value
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN  # the sweep's own listing says what varies
+    swept = swept_keys(hydra_cfg.sweep.dir) if multirun else []
+    return {k: settings[k] for k in [*swept, *settings] if k in settings}
 
 
 def _drop_instantiation_keys(value):
@@ -190,7 +211,8 @@ def log_hparams(loggers, cfg: DictConfig, metrics: dict[str, float], step: int) 
 
     The HParams tab reads metric values from scalars; they are written once more under
     `final/...` so that the training curves themselves get no extra point."""
-    final = {f"final/{k}": v for k, v in metrics.items()}
+    headline = sorted(metrics, key=lambda k: (k.split("/")[0] not in ("test", "val"), k))
+    final = {f"final/{k}": metrics[k] for k in headline}  # test/ and val/ columns first
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hparams_of(cfg), metrics=final, step=step)
