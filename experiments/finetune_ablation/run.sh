@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The fine-tuning study: the fusion stage under each strategy (full, partial, adapter,
 # lora), two seeds each, composed from the same language, vision and speech stage models,
-# then the report. About 50 minutes on 2 CPU cores (8 fusion jobs of 600 steps).
-# The stage models are trained once into stages/ (herd-recipe, ~10 min on 2 cores); set
+# then the report. About 80 minutes on 2 CPU cores: the stages ~20 min, then 8 fusion jobs
+# of 600 steps at ~7 min each. The stage models are trained once into stages/; set
 # STAGES=DIR to reuse a finished recipe directory (e.g. one from `make train`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
