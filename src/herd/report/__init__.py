@@ -10,7 +10,8 @@ TensorBoard events. Jobs with the same overrides apart from `seed` form one sett
 override keys that differ between jobs are the table's columns, and each metric is the
 mean ± sample std over the setting's seeds. Written into MULTIRUN_DIR:
 
-    report.md          settings table, missing or failed jobs, claims table, git revision, machine
+    report.md          settings table, trained parameters, missing or failed jobs, claims table,
+                       evidence distance, git revision, machine
     report.csv         the same table, one row per setting, `<metric> mean` and `<metric> std`
     loss_curves.png    train/loss (and val/loss) of every job against the step, one colour per setting
     metrics.png        bars of the final test/ and val/ metrics per setting, std as error bars
