@@ -248,3 +248,156 @@ def test_the_adapter_recipe_trains_exactly_the_vision_adapter(released):
     }
     assert not any(p.requires_grad for p in model.decoder.parameters())
     assert counts["frozen"] == sum(p.numel() for p in model.decoder.parameters())
+
+
+# ----------------------------------------------------------------- fine-tuning the release
+
+
+def test_the_release_as_a_fusion_model_computes_the_released_logits(released):
+    """fusion_model_from_mllama: an image given as the fusion stage gives it (a square tile in
+    [-1, 1]) yields transformers' logits for the same image through the release's processor
+    path (herd.data.mllama_images: one tile, aspect-ratio id 1), rows before it included."""
+    from herd.data.mllama_images import mllama_pixel_batch
+    from herd.models.mllama import fusion_model_from_mllama
+    from herd.models.pretrained_mllama import load_pretrained_mllama
+
+    path, reference = released
+    fusion = fusion_model_from_mllama(load_pretrained_mllama(path), speech_token_id=299).eval()
+    torch.manual_seed(3)
+    image = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    tokens = torch.randint(3, 299, (1, 10))
+    tokens[0, 3] = IMAGE
+    pixels = mllama_pixel_batch([[image]], tile=28, max_tiles=4)
+    cross = torch.zeros(1, 10, 1, 4, dtype=torch.long)
+    cross[0, 3:, 0, 0] = 1  # the processor's mask: from the image on, its one tile
+    expected = hf_logits(
+        reference,
+        input_ids=tokens,
+        pixel_values=pixels["pixel_values"],
+        aspect_ratio_ids=pixels["aspect_ratio_ids"],
+        aspect_ratio_mask=pixels["aspect_ratio_mask"],
+        cross_attention_mask=cross,
+    )
+    assert pixels["aspect_ratio_ids"].tolist() == [[1]]
+    with torch.no_grad():
+        got = fusion(tokens, images=(image.float() / 127.5 - 1)[None, None])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def tiny_mllama_with_tokenizer(path):
+    """A tiny random Llama 3.2 Vision in the Hugging Face layout whose tokenizer is herd's
+    bundled BPE with <|image|> after the text vocabulary, where the release has it (128256
+    there, 4096 here); the bundled <|image|> row becomes a reserved token."""
+    import json
+    from importlib.resources import files
+
+    torch.manual_seed(0)
+    text = dict(TINY_TEXT, vocab_size=4096, bos_token_id=0, eos_token_id=1)
+    config = transformers.MllamaConfig(
+        text_config=text, vision_config=TINY_MLLAMA_VISION, image_token_index=4096
+    )
+    transformers.MllamaForConditionalGeneration(config).save_pretrained(path)
+    bundled = (files("herd.assets") / "tokenizers" / "python_docs_bpe_4k.json").read_text()
+    tokenizer = json.loads(bundled.replace('"<|image|>"', '"<|reserved_special_token_10|>"'))
+    tokenizer["added_tokens"].append(
+        {
+            "id": 4096,
+            "content": "<|image|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["adapter", "lora"])
+def test_the_release_fine_tunes_through_the_fusion_stage(tmp_path, strategy):
+    """experiment=vision_llama32_11b on a tiny random release: the fusion stage trains it with
+    the paper's adapter recipe (or LoRA), scores the digits tasks, records what trained, and
+    its checkpoint reopens without the release's weights."""
+    import json
+
+    from herd.callbacks.trained_parameters import read_summary
+    from herd.models.mllama import MllamaImageEncoder
+    from herd.systems.common import load_system
+    from herd.train import train
+
+    from .conftest import compose_cfg
+
+    release = tiny_mllama_with_tokenizer(tmp_path / "release")
+    overrides = [
+        "experiment=vision_llama32_11b",
+        f"pretrained={release}",
+        f"finetune={strategy}",
+        "precision=fp32",
+        "data.train_size=48",
+        "data.val_per_task=2",
+        "data.test_per_task=3",
+        "data.batch_size=4",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "model.max_new_tokens=4",
+        "model.optimizer.lr=1e-3",
+        "model.scheduler.warmup_steps=1",
+        "trainer.enable_progress_bar=false",
+        "callbacks.model_summary=null",
+    ]
+    train(compose_cfg("train", overrides, tmp_path / "run"))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 <= saved["test/top1"] <= 1 and 0 <= saved["test/bleu_mt"] <= 100
+    assert "test/wer" not in saved  # no speech encoder, no speech tasks
+
+    trained = read_summary(tmp_path / "run")
+    in_optimizer, with_grad = trained["optimizer"], trained["gradients"]
+    decoder = [part for part in in_optimizer if part.startswith("decoder.")]
+    assert decoder == ([] if strategy == "adapter" else ["decoder.layers.0-2 (LoRA)"]), decoder
+    for part in ("image_encoder", "cross_attention"):  # encoder + projector, the released layers
+        parts = [p for p in trained["all"] if p.startswith(part)]
+        assert parts and all(in_optimizer.get(p) == trained["all"][p] for p in parts), part
+        assert any(with_grad.get(p) for p in parts), part  # images reached them
+
+    system = load_system(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert isinstance(system.model.image_encoder, MllamaImageEncoder)
+    assert [int(j) for j in system.model.cross_attention] == [1, 3]  # the release's slots
+    assert system.hparams.vision["mllama"]["cross_attention_layers"] == [1, 4]
+
+    # exported in the released layout (LoRA merged): transformers computes the same logits
+    from herd.data.mllama_images import mllama_pixel_batch
+    from herd.export import export
+
+    out = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "export")
+    back = transformers.MllamaForConditionalGeneration.from_pretrained(out).eval()
+    image = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    tokens = torch.randint(8, 4000, (1, 9))
+    tokens[0, 2] = 4096
+    cross = torch.zeros(1, 9, 1, 4, dtype=torch.long)
+    cross[0, 2:, 0, 0] = 1
+    pixels = mllama_pixel_batch([[image]], tile=28, max_tiles=4)
+    pixels.pop("num_tiles")
+    expected = hf_logits(back, input_ids=tokens, cross_attention_mask=cross, **pixels)
+    with torch.no_grad():
+        got = system.model.eval()(tokens, images=(image.float() / 127.5 - 1)[None, None])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_release_with_a_mismatched_tokenizer_or_a_second_encoder_is_refused(tmp_path):
+    import shutil
+    from importlib.resources import files
+
+    from herd.errors import ConfigError
+    from herd.systems.fusion import FusionSystem
+
+    release = tiny_mllama_with_tokenizer(tmp_path / "release")
+    with pytest.raises(ConfigError, match="its own image encoder; drop model.vision.checkpoint"):
+        FusionSystem(
+            {"pretrained": str(release)}, vision={"checkpoint": "vision.ckpt"}, speech=None
+        )
+    bundled = files("herd.assets") / "tokenizers" / "python_docs_bpe_4k.json"
+    shutil.copyfile(bundled, release / "tokenizer.json")  # <|image|> at 6, not 4096
+    with pytest.raises(ConfigError, match=r"puts <\|image\|> at 6, but the Llama 3.2 Vision"):
+        FusionSystem({"pretrained": str(release)}, vision=None, speech=None)

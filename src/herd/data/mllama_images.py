@@ -26,9 +26,7 @@ from functools import lru_cache
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-# the normalisation of the released Llama 3.2 Vision processor (CLIP's)
-MLLAMA_MEAN = (0.48145466, 0.4578275, 0.40821073)
-MLLAMA_STD = (0.26862954, 0.26130258, 0.27577711)
+from herd.models.mllama_vision import MLLAMA_MEAN, MLLAMA_STD
 
 
 @lru_cache(maxsize=16)

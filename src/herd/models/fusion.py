@@ -153,14 +153,17 @@ class FusionModel(nn.Module):
         length: int,  # text tokens in this call
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(media [B, I*N, D], mask [B, T, I*N]): token t sees image i when i is real and t
-        lies in the image's span [first, end)."""
+        lies in the image's span [first, end); of the image's N tokens, those the encoder
+        marks real (`token_mask`; the release's padding tiles are not)."""
         B, n_images, N, D = media.shape  # n_images is I in the shape comments
         first, end = spans
         positions = torch.arange(start, start + length, device=media.device)[None, :, None]
         sees = (positions >= first[:, None, :]) & (positions < end[:, None, :])  # [B, T, I]
         sees = sees & image_mask[:, None, :]
-        mask = sees[..., None].expand(B, length, n_images, N).reshape(B, length, n_images * N)
-        return media.reshape(B, n_images * N, D), mask
+        mask = sees[..., None].expand(B, length, n_images, N)  # [B, T, I, N]
+        if self.image_encoder.token_mask is not None:
+            mask = mask & self.image_encoder.token_mask.to(mask.device)
+        return media.reshape(B, n_images * N, D), mask.reshape(B, length, n_images * N)
 
     def image_spans(
         self, tokens: torch.Tensor, image_mask: torch.Tensor
@@ -283,20 +286,17 @@ def build_fusion_model(
     cross_attention_every: int = 4,
     speech_adapter: dict | None = None,  # SpeechAdapterConfig fields besides the widths
     speech_augment: nn.Module | None = None,
+    cross_attention: nn.ModuleDict | None = None,  # {"i": layer}: trained ones (a release's)
 ) -> FusionModel:
     """Compose the stage models and the new fusion parts. The given modules are used as
-    they are (not copied, never modified): the cross-attention layers, an image projection
-    (only when the decoder's width differs from the one the encoder projects to) and the
-    speech adapter are created here, initialised so that the result computes what the
-    decoder alone computes (gates at 0)."""
+    they are (not copied, never modified): the cross-attention layers (unless given), an
+    image projection (only when the decoder's width differs from the one the encoder
+    projects to) and the speech adapter are created here, initialised so that the result
+    computes what the decoder alone computes (gates at 0)."""
     cfg, dim = decoder.config, decoder.config.dim
     weight = decoder.embed_tokens.weight
-    image_projection = cross_attention = None
-    if image_encoder is not None:
-        if image_encoder.config.lm_dim != dim:
-            # the vision stage projected to its own width; the multi-layer features carry
-            # over and a new projection learns to map them into this decoder
-            image_projection = nn.Linear(image_encoder.feature_dim, dim)
+    image_projection = None
+    if image_encoder is not None and cross_attention is None:
         layers = cross_attention_layer_ids(cfg.n_layers, cross_attention_every)
         cross_attention = nn.ModuleDict(
             {
@@ -306,6 +306,10 @@ def build_fusion_model(
                 for i in layers
             }
         ).to(device=weight.device, dtype=weight.dtype)
+    if image_encoder is not None and image_encoder.config.lm_dim != dim:
+        # the vision stage projected to its own width; the multi-layer features carry over
+        # and a new projection learns to map them into this decoder
+        image_projection = nn.Linear(image_encoder.feature_dim, dim)
     adapter = None
     if speech_encoder is not None:
         adapter_cfg = SpeechAdapterConfig(

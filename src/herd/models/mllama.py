@@ -21,15 +21,22 @@ pixel_values the cross-attention layers are skipped: the text model alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
 from herd.errors import ConfigError
+from herd.models.fusion import FusionModel, build_fusion_model
 from herd.models.llama import Llama, LlamaConfig
-from herd.models.mllama_vision import MllamaVisionConfig, MllamaVisionEncoder
+from herd.models.mllama_vision import (
+    MLLAMA_MEAN,
+    MLLAMA_STD,
+    MllamaVisionConfig,
+    MllamaVisionEncoder,
+)
+from herd.models.speech import SpeechEncoder
 from herd.models.vision import GatedCrossAttention
 
 
@@ -72,19 +79,7 @@ class MllamaModel(nn.Module):
         self.vision_model = MllamaVisionEncoder(cfg.vision)
         self.multi_modal_projector = nn.Linear(cfg.vision.output_dim, text.dim, bias=True)
         self.decoder = Llama(text)
-        self.cross_attention = nn.ModuleDict(
-            {
-                str(j): GatedCrossAttention(
-                    text.dim,
-                    text.n_heads,
-                    text.n_kv_heads,
-                    text.ffn_dim,
-                    norm_eps=text.norm_eps,
-                    blind_rows_attend_all=True,
-                )
-                for j in cfg.cross_attention_slots()
-            }
-        )
+        self.cross_attention = mllama_cross_attention(cfg)
 
     def fusion_modules(self) -> list[nn.Module]:
         """What the vision adapter adds to the text model (herd.systems.finetune)."""
@@ -149,4 +144,140 @@ class MllamaModel(nn.Module):
         return self.decoder.lm_head(hidden)
 
 
-__all__ = ["MllamaConfig", "MllamaModel"]
+def mllama_cross_attention(cfg: MllamaConfig) -> nn.ModuleDict:
+    """The release's cross-attention layers, keyed by the herd decoder layer they precede."""
+    text = cfg.text
+    return nn.ModuleDict(
+        {
+            str(j): GatedCrossAttention(
+                text.dim,
+                text.n_heads,
+                text.n_kv_heads,
+                text.ffn_dim,
+                norm_eps=text.norm_eps,
+                blind_rows_attend_all=True,
+            )
+            for j in cfg.cross_attention_slots()
+        }
+    )
+
+
+@dataclass(frozen=True)
+class MllamaImageInput:
+    """What a fusion model built on the release fixes about its images (the fields the
+    fusion stage reads of an image encoder's config): square RGB tiles of `img_size`."""
+
+    img_size: int
+    lm_dim: int
+    in_chans: int = 3
+
+
+class MllamaImageEncoder(nn.Module):
+    """The released vision encoder and projector as a FusionModel image encoder.
+
+    images [M, 3, S, S] in [-1, 1] (S: the tile size) -> [M, T*P, D]: each image is the one
+    tile of the (1, 1) grid, as the release's processor prepares a square image of that
+    size (aspect-ratio id 1, the other T-1 tile slots padding). `token_mask` marks the real
+    tile's P tokens, the only ones a text row that follows the image sees; a row before any
+    image attends to all T*P, as in the release (GatedCrossAttention blind_rows_attend_all).
+    Image slots that pad a batch stay zero here, where the release would encode blank
+    padding images (which only such blind rows would see)."""
+
+    def __init__(self, vision_model: MllamaVisionEncoder, projector: nn.Linear):
+        super().__init__()
+        self.vision_model = vision_model
+        self.multi_modal_projector = projector
+        vision = vision_model.config
+        self.vision_config = vision
+        self.config = MllamaImageInput(vision.image_size, projector.out_features)
+        self.feature_dim = vision.output_dim
+        real = torch.zeros(vision.max_num_tiles, vision.num_patches, dtype=torch.bool)
+        real[0] = True
+        self.register_buffer("token_mask", real.flatten(), persistent=False)  # [T*P]
+        self.register_buffer("mean", torch.tensor(MLLAMA_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(MLLAMA_STD).view(3, 1, 1), persistent=False)
+
+    @classmethod
+    def fresh(cls, vision: MllamaVisionConfig, lm_dim: int) -> MllamaImageEncoder:
+        """Untrained parts of this shape (a fusion checkpoint's weights load into them)."""
+        return cls(MllamaVisionEncoder(vision), nn.Linear(vision.output_dim, lm_dim, bias=True))
+
+    def forward(
+        self,
+        images: torch.Tensor,  # [M, 3, S, S] in [-1, 1]
+        projection: nn.Module | None = None,  # unused: the release's projector maps to D
+    ) -> torch.Tensor:  # -> [M, T*P, D]
+        M, C, S, _ = images.shape
+        vision = self.vision_config
+        if C != 3 or S != vision.image_size:
+            raise ConfigError(
+                f"The released image encoder takes RGB tiles of {vision.image_size} px, got "
+                f"images of {C} channel(s) and {S} px."
+            )
+        pixels = ((images + 1) / 2 - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        tiles = pixels.new_zeros(M, 1, vision.max_num_tiles, 3, S, S)
+        tiles[:, 0, 0] = pixels
+        aspect_ratio_ids = torch.ones(M, 1, dtype=torch.long, device=images.device)
+        aspect_ratio_mask = torch.zeros(M, 1, vision.max_num_tiles, dtype=torch.long)
+        aspect_ratio_mask[:, :, 0] = 1
+        features = self.vision_model(tiles, aspect_ratio_ids, aspect_ratio_mask.to(images.device))
+        return self.multi_modal_projector(features[:, 0].flatten(1, 2))  # [M, T*P, D]
+
+    def record(self) -> dict:
+        """What rebuilds this encoder's shape (FusionSystem checkpoints)."""
+        return {"vision": asdict(self.vision_config), "lm_dim": self.config.lm_dim}
+
+
+def fusion_model_from_mllama(
+    model: MllamaModel,
+    speech_token_id: int,
+    speech_encoder: SpeechEncoder | None = None,
+    speech_adapter: dict | None = None,
+    speech_augment: nn.Module | None = None,
+) -> FusionModel:
+    """The release's parts (used as they are, not copied) as a FusionModel, with a speech
+    encoder and a new speech adapter if given. A text token sees the image group it
+    follows most recently, as the release's processor masks it."""
+    return build_fusion_model(
+        model.decoder,
+        model.config.image_token_id,
+        speech_token_id,
+        image_encoder=MllamaImageEncoder(model.vision_model, model.multi_modal_projector),
+        speech_encoder=speech_encoder,
+        speech_adapter=speech_adapter,
+        speech_augment=speech_augment,
+        cross_attention=model.cross_attention,
+    )
+
+
+def mllama_from_fusion_model(model: FusionModel) -> MllamaModel:
+    """The inverse of `fusion_model_from_mllama`: a fusion model built on the release, as
+    the release's model (its parts shared, not copied), e.g. to write it back in the
+    released layout (herd.models.pretrained_mllama.save_hf_mllama)."""
+    encoder = model.image_encoder
+    if not isinstance(encoder, MllamaImageEncoder) or model.speech_encoder is not None:
+        raise ConfigError(
+            "Only a fusion model built on a Llama 3.2 Vision release, without a speech "
+            "encoder, has the released layout."
+        )
+    slots = model.cross_attention_layers  # herd's: the decoder layer each one precedes
+    cfg = MllamaConfig(
+        model.decoder.config, [j + k for k, j in enumerate(slots)], encoder.vision_config
+    )
+    with torch.device("meta"):  # a shell: its parts are replaced by the model's own
+        released = MllamaModel(cfg)
+    released.vision_model = encoder.vision_model
+    released.multi_modal_projector = encoder.multi_modal_projector
+    released.decoder = model.decoder
+    released.cross_attention = model.cross_attention
+    return released
+
+
+__all__ = [
+    "MllamaConfig",
+    "MllamaImageEncoder",
+    "MllamaModel",
+    "fusion_model_from_mllama",
+    "mllama_cross_attention",
+    "mllama_from_fusion_model",
+]

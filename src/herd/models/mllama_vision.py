@@ -31,6 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# the normalisation of the released Llama 3.2 Vision processor (CLIP's), on pixels in [0, 1]
+MLLAMA_MEAN = (0.48145466, 0.4578275, 0.40821073)
+MLLAMA_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass(frozen=True)
 class MllamaVisionConfig:
@@ -227,4 +231,4 @@ class MllamaVisionEncoder(nn.Module):
         return torch.cat([x, collected], dim=-1).reshape(B, M, T, P1, -1)
 
 
-__all__ = ["MllamaVisionConfig", "MllamaVisionEncoder"]
+__all__ = ["MLLAMA_MEAN", "MLLAMA_STD", "MllamaVisionConfig", "MllamaVisionEncoder"]

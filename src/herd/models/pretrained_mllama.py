@@ -59,6 +59,15 @@ _GATES = ("cross_attn_attn_gate", "cross_attn_mlp_gate")
 _VISION_FIELDS = tuple(MllamaVisionConfig.__dataclass_fields__)
 
 
+def is_mllama_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a Hugging Face Llama 3.2 Vision directory (model_type mllama)."""
+    where = Path(path) / "config.json"
+    try:
+        return json.loads(where.read_text()).get("model_type") == "mllama"
+    except (OSError, ValueError):
+        return False  # not a directory with a readable config: the other loaders say why
+
+
 def mllama_config_from_hf(path: Path) -> MllamaConfig:
     where = path / "config.json"
     hf = json.loads(where.read_text())
@@ -197,4 +206,9 @@ def save_hf_mllama(model: MllamaModel, path: str | Path, max_shard_bytes: int | 
     return write_safetensors(state, path, max_shard_bytes)
 
 
-__all__ = ["load_pretrained_mllama", "mllama_config_from_hf", "save_hf_mllama"]
+__all__ = [
+    "is_mllama_checkpoint",
+    "load_pretrained_mllama",
+    "mllama_config_from_hf",
+    "save_hf_mllama",
+]

@@ -153,6 +153,8 @@ class ImageEncoder(nn.Module):
     `num_tokens` the token count N.
     """
 
+    token_mask = None  # every media token is real (an encoder with padding sets [N] bool)
+
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
         self.config = cfg

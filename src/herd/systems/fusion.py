@@ -18,6 +18,9 @@ from herd.data.tokenizer import IMAGE, SPEECH, load_tokenizer
 from herd.errors import ConfigError
 from herd.models.fusion import build_fusion_model
 from herd.models.llama import Llama
+from herd.models.mllama import MllamaConfig, MllamaImageEncoder, mllama_cross_attention
+from herd.models.mllama_vision import MllamaVisionConfig
+from herd.models.pretrained_mllama import is_mllama_checkpoint, load_pretrained_mllama
 from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
 from herd.models.vision import ImageEncoder, ImageEncoderConfig, TanhGate
 from herd.systems.common import HerdSystem, load_system
@@ -99,6 +102,7 @@ class FusionSystem(HerdSystem):
 
         llama = language.get("llama") or {}  # the flavor when built fresh; context= either way
         source = exported = None
+        mllama = released = None  # a Llama 3.2 Vision release and its MllamaConfig
         if init_from and Path(init_from).is_dir():  # a herd-export directory: the same, as files
             architecture, exported = read_fusion_export(init_from)
             language = {"pretrained": architecture["decoder"]}
@@ -119,6 +123,17 @@ class FusionSystem(HerdSystem):
             tokenizer_spec = language["tokenizer"]
             decoder = Llama(llama_config(language["llama"], None))
             with_context(decoder, llama, init_from)
+        elif language.get("pretrained") and is_mllama_checkpoint(language["pretrained"]):
+            # Llama 3.2 Vision: decoder, image encoder and cross-attention as released
+            tokenizer_spec = str(language["pretrained"])
+            if vision and vision.get("checkpoint"):
+                raise ConfigError(
+                    f"{tokenizer_spec} is a Llama 3.2 Vision checkpoint with its own image "
+                    "encoder; drop model.vision.checkpoint."
+                )
+            mllama = load_pretrained_mllama(tokenizer_spec, dtype=torch.float32)
+            decoder = with_context(mllama.decoder, llama, tokenizer_spec)
+            released = mllama.config
         elif language.get("pretrained"):  # a released Llama, with its own tokenizer
             tokenizer_spec = str(language["pretrained"])
             decoder = load_decoder(tokenizer_spec, llama, tokenizer_spec)
@@ -132,8 +147,24 @@ class FusionSystem(HerdSystem):
             decoder = Llama(llama_config({"flavor": "small", **llama}, vocab))
         self.tokenizer = load_tokenizer(tokenizer_spec)
 
-        image_encoder = None
-        if vision:
+        if released is None and vision and vision.get("mllama"):  # a checkpoint's record
+            record = vision["mllama"]
+            released = MllamaConfig(
+                decoder.config,
+                record["cross_attention_layers"],
+                MllamaVisionConfig(**record["vision"]),
+            )
+        image_encoder = cross_attention = None
+        if released is not None:
+            if mllama is not None:  # the released weights
+                image_encoder = MllamaImageEncoder(
+                    mllama.vision_model, mllama.multi_modal_projector
+                )
+                cross_attention = mllama.cross_attention
+            else:  # their shapes; the checkpoint's weights load into them
+                image_encoder = MllamaImageEncoder.fresh(released.vision, released.text.dim)
+                cross_attention = mllama_cross_attention(released)
+        elif vision:
             if vision.get("checkpoint"):
                 image_encoder = _stage_system(vision["checkpoint"], "VisionSystem").model
             else:
@@ -146,6 +177,11 @@ class FusionSystem(HerdSystem):
                 speech_encoder = SpeechEncoder(SpeechEncoderConfig(**(speech.get("encoder") or {})))
 
         special = self.tokenizer.special_ids
+        if released is not None and special.get(IMAGE) != released.image_token_id:
+            raise ConfigError(
+                f"Tokenizer {tokenizer_spec} puts <|image|> at {special.get(IMAGE)}, but the "
+                f"Llama 3.2 Vision weights expect it at {released.image_token_id}."
+            )
         self.model = build_fusion_model(
             decoder,
             image_token_id=special[IMAGE],
@@ -155,6 +191,7 @@ class FusionSystem(HerdSystem):
             cross_attention_every=cross_attention_every,
             speech_adapter=(speech or {}).get("adapter"),
             speech_augment=SpecAugment(**spec_augment) if spec_augment else None,
+            cross_attention=cross_attention,
         )
         if source is not None:
             self.model.load_state_dict(source.model.state_dict())  # strict: same architecture
@@ -183,7 +220,14 @@ class FusionSystem(HerdSystem):
         )
         # What a checkpoint needs to rebuild this architecture without the stage checkpoints.
         self.hparams.language = {"llama": decoder.config.to_dict(), "tokenizer": tokenizer_spec}
-        if image_encoder is not None:
+        if released is not None:
+            self.hparams.vision = {
+                "mllama": {
+                    "vision": released.vision.to_dict(),
+                    "cross_attention_layers": list(released.cross_attention_layers),
+                }
+            }
+        elif image_encoder is not None:
             self.hparams.vision = {"encoder": image_encoder.config.to_dict()}
         if speech_encoder is not None:
             self.hparams.speech = {

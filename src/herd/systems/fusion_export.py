@@ -12,6 +12,10 @@ from (`pretrained=`): small, and only right when the decoder did not train
 (`finetune=adapter`). A LoRA-trained decoder is exported merged (parts=all).
 
 `model.init_from=OUT` reopens an export as a FusionSystem (to evaluate, or to train on).
+
+A fusion model built on a Llama 3.2 Vision release (experiment=vision_llama32_11b) is
+written back in the released layout instead (config.json, safetensors, tokenizer), which
+transformers' MllamaForConditionalGeneration and `pretrained=OUT` load.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import torch
 from herd.data.tokenizer import HFTokenizer, TiktokenTokenizer
 from herd.errors import ConfigError
 from herd.models.lora import merge_lora
+from herd.models.mllama import mllama_from_fusion_model
 from herd.models.pretrained import save_hf_checkpoint
+from herd.models.pretrained_mllama import save_hf_mllama
 
 CONFIG, WEIGHTS, DECODER = "fusion.json", "fusion.safetensors", "decoder"
 PARTS = ("all", "adapters")
@@ -52,10 +58,20 @@ def save_fusion_export(system, out: Path, parts: str = "all", dtype=torch.float3
                 "This fusion model's decoder did not come from a Llama checkpoint directory "
                 "(pretrained=), so the adapters alone cannot name it. Export --parts all."
             )
+    released = "mllama" in (hp.vision or {})
+    if released and parts != "all":
+        raise ConfigError(
+            "This fusion model is a Llama 3.2 Vision release, exported whole in the released "
+            "layout; export --parts all."
+        )
     model = copy.deepcopy(system.model).to(dtype)
     if strategy == "lora":
         merge_lora(model.decoder)  # plain projections: what transformers and herd load
     out.mkdir(parents=True, exist_ok=True)
+    if released:  # the layout transformers' MllamaForConditionalGeneration loads
+        save_hf_mllama(mllama_from_fusion_model(model), out)
+        _copy_tokenizer(system.tokenizer, out, hp.language["tokenizer"])
+        return out
     weights = {
         name: tensor.detach().contiguous().cpu()
         for name, tensor in model.state_dict().items()
@@ -64,15 +80,7 @@ def save_fusion_export(system, out: Path, parts: str = "all", dtype=torch.float3
     save_file(weights, out / WEIGHTS, metadata={"format": "pt"})
     if parts == "all":
         save_hf_checkpoint(model.decoder, out / DECODER, tokenizer=system.tokenizer)
-        tokenizer = system.tokenizer
-        if isinstance(tokenizer, HFTokenizer):
-            shutil.copyfile(tokenizer.path, out / DECODER / "tokenizer.json")
-        elif isinstance(tokenizer, TiktokenTokenizer):
-            shutil.copyfile(tokenizer.path, out / DECODER / "tokenizer.model")
-        else:
-            raise ConfigError(
-                f"The decoder's tokenizer ({hp.language['tokenizer']!r}) has no file to export."
-            )
+        _copy_tokenizer(system.tokenizer, out / DECODER, hp.language["tokenizer"])
         decoder = DECODER
     else:
         decoder = str(source.resolve())
@@ -84,6 +92,15 @@ def save_fusion_export(system, out: Path, parts: str = "all", dtype=torch.float3
     }
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _copy_tokenizer(tokenizer, out: Path, spec: str) -> None:
+    if isinstance(tokenizer, HFTokenizer):
+        shutil.copyfile(tokenizer.path, out / "tokenizer.json")
+    elif isinstance(tokenizer, TiktokenTokenizer):
+        shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+    else:
+        raise ConfigError(f"The decoder's tokenizer ({spec!r}) has no file to export.")
 
 
 def read_fusion_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
