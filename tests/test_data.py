@@ -255,3 +255,16 @@ def test_too_little_training_data_for_one_batch_is_refused(tmp_path):
     )
     with pytest.raises(ConfigError, match="fewer than data.batch_size=8"):
         dm.setup("fit")
+
+
+def test_training_passkey_prompts_can_be_shorter_than_the_test_ones():
+    """data.passkey_filler_repeats bounds the training prompts' filler; the held-out prompts
+    keep theirs, so the metric stays comparable."""
+    from herd.data.multimodal import FusionDataModule, passkey_examples
+    from herd.data.passkey import REPEATED_FILLER
+
+    data = FusionDataModule(weights={"passkey": 1.0}, passkey_train=50, passkey_filler_repeats=1)
+    train, test = data._examples("train")["passkey"], data._examples("test")["passkey"]
+    assert all(REPEATED_FILLER not in ex.prompt for ex in train)
+    assert any(ex.prompt.count(REPEATED_FILLER) >= 4 for ex in test)
+    assert [ex.prompt for ex in test] == [ex.prompt for ex in passkey_examples(200, 42 + 2)]

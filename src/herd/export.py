@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from herd.data.tokenizer import HFTokenizer, TiktokenTokenizer
-from herd.errors import ConfigError, HerdError
+from herd.errors import ConfigError
 from herd.models.pretrained import save_hf_checkpoint
 from herd.systems.common import load_system
 from herd.systems.fusion_export import PARTS, save_fusion_export
+from herd.utils.cli import expected_error, print_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export(args.ckpt, args.out, args.dtype, args.max_shard_mb, args.parts)
-    except HerdError as exc:
-        print(f"herd-export: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = expected_error(exc)
+        if message is None:
+            raise
+        print_error("herd-export", message)
         return 1
     print(f"wrote {out}")
     return 0

@@ -39,6 +39,7 @@ from herd.utils.rng import sample_rng
 log = logging.getLogger(__name__)
 
 TASKS = ("image", "asr", "st", "mt", "passkey")
+PASSKEY_FILLER_REPEATS = 4  # the validation and test prompts' (see passkey_examples)
 # What each task's answer is scored with (see herd.systems.fusion).
 TASK_METRIC = {
     "image": "top1",
@@ -122,8 +123,11 @@ def translation_examples(n: int, seed: int, split: str) -> list[Example]:
     ]
 
 
-def passkey_examples(n: int, seed: int, max_filler_repeats: int = 4) -> list[Example]:
-    """A five-digit key at a random place in a few repeated filler sentences."""
+def passkey_examples(
+    n: int, seed: int, max_filler_repeats: int = PASSKEY_FILLER_REPEATS
+) -> list[Example]:
+    """A five-digit key with 0 to `max_filler_repeats` - 1 copies of the filler sentences on
+    each side."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -253,7 +257,9 @@ class FusionDataModule(ChatDataModule):
     `manifest` (training lines, and val/test lines by their `split` field),
     `val_manifest`, `test_manifest`, each sample as given; `max_tokens` bounds a sample and
     `skip_bad_samples` skips and counts bad lines instead of stopping.
-    `speed_perturb` lists speed factors drawn per training clip ([] or null: none)."""
+    `speed_perturb` lists speed factors drawn per training clip ([] or null: none).
+    `passkey_filler_repeats` bounds the filler of training passkey prompts (shorter ones
+    are more copying examples per token; validation and test keep the default)."""
 
     def __init__(
         self,
@@ -264,6 +270,7 @@ class FusionDataModule(ChatDataModule):
         batch_size: int = 16,
         translation_phrases: int = 6000,
         passkey_train: int = 4000,
+        passkey_filler_repeats: int = PASSKEY_FILLER_REPEATS,
         speech_manifest: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
@@ -367,8 +374,11 @@ class FusionDataModule(ChatDataModule):
         if "mt" in tasks:
             out["mt"] = translation_examples(hp.translation_phrases, hp.seed, split)
         if "passkey" in tasks:
-            n = hp.passkey_train if split == "train" else max(hp.val_per_task, hp.test_per_task)
-            out["passkey"] = passkey_examples(n, hp.seed + {"train": 0, "val": 1, "test": 2}[split])
+            n, repeats = max(hp.val_per_task, hp.test_per_task), PASSKEY_FILLER_REPEATS
+            if split == "train":
+                n, repeats = hp.passkey_train, hp.passkey_filler_repeats
+            seed = hp.seed + {"train": 0, "val": 1, "test": 2}[split]
+            out["passkey"] = passkey_examples(n, seed, repeats)
         empty = [t for t in tasks if not out.get(t)]
         if empty:
             raise DataError(f"The {split} split has no examples for task(s) {empty}.")

@@ -20,6 +20,7 @@ from herd.report.tables import (
     trained_parameters_table,
     write_csv,
 )
+from herd.utils.cli import expected_error, print_error
 
 
 def machine() -> str:
@@ -164,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             parse_selector(args.baseline),
             parse_selector(args.treatment),
         )
-    except ConfigError as error:
-        print(f"herd-report: error: {error}", file=sys.stderr)
+    except Exception as exc:
+        message = expected_error(exc)
+        if message is None:
+            raise
+        print_error("herd-report", message)
         return 1
     if not args.quiet:
         print(report)

@@ -44,8 +44,23 @@ def path_message(exc: OSError) -> str:
     return f"{exc.filename}{other}: {reason}; check that the path exists and is writable."
 
 
+def expected_error(exc: BaseException) -> str | None:
+    """The one line to show for an error the user can fix (a HerdError, or an OS error
+    naming a path, however deeply wrapped); None for a bug, whose traceback should show.
+    Every herd command reports through this (`report_errors`, herd-export, herd-report)."""
+    error = _herd_error(exc)
+    if error is not None:
+        return str(error)
+    os_error = _path_error(exc)
+    return None if os_error is None else path_message(os_error)
+
+
+def print_error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+
+
 def _fail(message: str):
-    print(f"herd: error: {message}", file=sys.stderr)
+    print_error("herd", message)
     sys.exit(1)
 
 
@@ -73,13 +88,10 @@ def report_errors(task):
         except Exception as exc:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            error = _herd_error(exc)
-            if error is not None:
-                _fail(str(error))
-            os_error = _path_error(exc)
-            if os_error is None:
+            message = expected_error(exc)
+            if message is None:
                 raise
-            _fail(path_message(os_error))
+            _fail(message)
 
     return wrapper
 
