@@ -336,8 +336,11 @@ def test_bad_input_stops_with_one_clear_line(build, message, tmp_path, capsys):
     assert re.search(message, lines[0]), lines[0]
 
 
-def test_the_catalogue_is_broad():
-    assert len(CASES) >= 20
+def test_every_case_is_its_own_failure():
+    """No two cases share a name (pytest ids) or an expected message (one test twice)."""
+    names, messages = [c[0] for c in CASES], [c[2] for c in CASES]
+    assert len(set(names)) == len(names)
+    assert len(set(messages)) == len(messages)
 
 
 def test_a_log_directory_that_cannot_be_created_is_one_line(tmp_path):

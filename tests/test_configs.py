@@ -8,6 +8,8 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from herd.errors import ConfigError
 from herd.train import CONFIG_DIR, instantiate_all
@@ -83,7 +85,9 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     if "seq_len" in datamodule.hparams:  # text stages; vision classifiers have no context
         assert system.model.config.max_seq_len == cfg.context.seq_len == datamodule.hparams.seq_len
         assert system.model.config.vocab_size >= datamodule.tokenizer.vocab_size
-    assert callbacks and loggers
+    # every experiment keeps checkpoints and writes TensorBoard
+    assert any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    assert any(isinstance(lg, TensorBoardLogger) for lg in loggers)
 
 
 def _leaves(node: dict, prefix: str = ""):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from herd.callbacks.passkey import ANSWER_ROOM, PasskeyRetrieval, passkey_accuracy
+from herd.callbacks.passkey import ANSWER_ROOM, passkey_accuracy
 from herd.data.packing import StagedPackedStream
 from herd.data.passkey import (
     NEEDLE,
@@ -198,7 +198,6 @@ def test_passkey_callback_writes_metrics_and_heatmap(train_cfg):
     assert {"test/passkey_acc@128", "test/passkey_acc@256", "test/passkey_acc"} <= set(metrics)
     assert "test/passkey_acc@1024" not in metrics  # longer than the 512-token context: skipped
     assert (Path(cfg.paths.output_dir) / "passkey_heatmap.png").stat().st_size > 1000
-    assert isinstance(PasskeyRetrieval([128]).grid, dict)
 
 
 def test_passkey_prompts_leave_room_for_the_answer_at_the_full_context():

@@ -237,7 +237,7 @@ class PoisonGradients(L.Callback):
             next(pl_module.parameters()).grad[0, 0] = float("nan")
 
 
-def _tiny_fit(tmp_path, guard, max_steps=4, inject=None):
+def _tiny_fit(tmp_path, guard, max_steps=4, inject=None, extra_callbacks=(), **trainer_args):
     from herd.data.text import TextDataModule
     from herd.systems.language import LanguageSystem
 
@@ -261,7 +261,8 @@ def _tiny_fit(tmp_path, guard, max_steps=4, inject=None):
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        callbacks=[inject or PoisonGradients(at_step=2), guard, Snapshot()],
+        callbacks=[inject or PoisonGradients(at_step=2), guard, Snapshot(), *extra_callbacks],
+        **trainer_args,
     )
     trainer.fit(system, datamodule=data)
     return snapshots
@@ -282,6 +283,31 @@ def test_nonfinite_gradients_stop_the_run_when_asked(tmp_path):
         _tiny_fit(tmp_path, NonFiniteGuard(policy="stop"))
     with pytest.raises(ConfigError, match="policy='never' is not one of"):
         NonFiniteGuard(policy="never")
+
+
+def test_one_gradient_norm_per_step_serves_the_guard_the_log_and_the_clipping(
+    tmp_path, monkeypatch
+):
+    import herd.systems.common as common
+
+    computed = []
+    real_grad_norm = common.grad_norm
+    monkeypatch.setattr(common, "grad_norm", lambda m: computed.append(1) or real_grad_norm(m))
+    after_clipping = []
+
+    class ReadClippedGradients(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):  # gradients as stepped
+            after_clipping.append(float(real_grad_norm(pl_module)))
+
+    _tiny_fit(
+        tmp_path,
+        NonFiniteGuard(policy="skip"),
+        inject=L.Callback(),
+        extra_callbacks=[ReadClippedGradients()],
+        gradient_clip_val=1e-3,
+    )
+    assert len(computed) == 4  # four steps: once each
+    assert after_clipping == pytest.approx([1e-3] * 4, rel=1e-3)
 
 
 def test_speech_length_buckets_resume_and_shard_like_the_plain_sampler():

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from herd.errors import ConfigError, HerdError
+from herd.systems.common import step_grad_norm
 
 log = logging.getLogger(__name__)
 POLICIES = ("skip", "stop")
@@ -134,10 +135,7 @@ class NonFiniteGuard(L.Callback):
         log.warning("Non-finite %s at step %d: step skipped (%d so far).", what, step, self.skipped)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        norm = step_grad_norm(pl_module)
         if torch.isfinite(norm):
             self._in_a_row = 0
             return

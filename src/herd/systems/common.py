@@ -11,10 +11,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
 import herd
 from herd.errors import ConfigError
+
+# strategies whose parameters hold full gradients on every rank after the backward
+_UNSHARDED = (SingleDeviceStrategy, DDPStrategy)
 
 
 def decay_param_groups(
@@ -84,6 +88,18 @@ def grad_norm(module: nn.Module) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
+def step_grad_norm(module: L.LightningModule) -> torch.Tensor:
+    """The total gradient norm of the current optimizer step, computed once and shared by
+    everything that reads it in that step (the non-finite guard, the train/grad_norm log,
+    gradient clipping)."""
+    step = module.trainer.global_step
+    cached = module.__dict__.get("_grad_norm_of_step")
+    if cached is None or cached[0] != step:
+        cached = (step, grad_norm(module))
+        module.__dict__["_grad_norm_of_step"] = cached
+    return cached[1]
+
+
 class HerdSystem(L.LightningModule):
     """Base of the stage systems: checkpoints record which system wrote them, so
     `load_system` (and herd-eval) can reopen any of them from the path alone, and the run
@@ -126,7 +142,27 @@ class HerdSystem(L.LightningModule):
         self._log_eval("test")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self), on_step=True, on_epoch=False)
+        self.log("train/grad_norm", step_grad_norm(self), on_step=True, on_epoch=False)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clips by the step's shared norm instead of computing it again. Sharded strategies
+        (FSDP, DeepSpeed) hold local gradient shards only; they clip the usual way."""
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if (
+            not gradient_clip_val
+            or not by_norm
+            or not isinstance(self.trainer.strategy, _UNSHARDED)
+        ):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, step_grad_norm(self))
 
     def lr_multipliers(self) -> dict[str, float]:
         """{glob pattern of parameter names: learning-rate factor} (see decay_param_groups)."""

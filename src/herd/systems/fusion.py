@@ -289,7 +289,6 @@ class FusionSystem(HerdSystem):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self.loss(batch)  # mean over this batch's answer tokens
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         # Every answer token weighs the same, whichever batch it lands in. Batches are
         # bucketed by length and so nearly one task each; a per-batch mean would give a
         # two-token image answer the weight of a twelve-token transcript (measured: ASR WER

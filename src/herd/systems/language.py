@@ -141,7 +141,6 @@ class LanguageSystem(HerdSystem):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> None:

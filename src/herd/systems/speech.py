@@ -114,7 +114,6 @@ class SpeechSystem(HerdSystem):
         self.log(
             "train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size
         )
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> None:

@@ -85,7 +85,6 @@ class VisionSystem(HerdSystem):
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> dict:
