@@ -402,3 +402,30 @@ def test_short_vision_run_beats_chance_and_leaves_a_complete_run_dir(tmp_path):
     system = load_system(run_dir / "checkpoints" / "last.ckpt")
     assert isinstance(system, VisionSystem) and isinstance(system.model, Encoder)
     assert system.model(torch.zeros(1, 1, 32, 32)).shape == (1, 16, 64)  # 4x4 patches
+
+
+def test_the_digits_take_one_split_that_every_stage_follows():
+    from herd.data.images import digits_images, digits_split
+
+    with pytest.raises(ConfigError, match=r"digits are split 0.15 / 0.15 for every stage"):
+        ImageDataModule(source="digits", val_fraction=0.2)
+    data = ImageDataModule(source="digits", image_size=8, split_seed=7, augment=None)
+    data.setup("fit")
+    images, labels, _ = digits_images(8, 1)
+    # the fusion and review stages draw their images with digits_split: the same held-out set
+    for split in ("train", "val", "test"):
+        expected = images[torch.from_numpy(digits_split(labels, split, 7))]
+        assert torch.equal(data.datasets[split].images, expected), split
+
+
+def test_herd_eval_keeps_the_checkpoints_split_unless_told(tmp_path):
+    from herd.evaluate import resolve_data_config
+
+    header = {
+        "config": {"split_seed": 7},
+        "data": {"source": "digits", "split_seed": "${split_seed}"},
+    }
+    for given, expected in ((None, 7), (3, 3)):
+        cfg = compose_cfg("eval", ["ckpt_path=x", f"split_seed={given or 'null'}"], tmp_path)
+        resolve_data_config(cfg, header)
+        assert cfg.data.split_seed == expected

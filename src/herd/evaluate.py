@@ -22,6 +22,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from herd.data.images import DIGITS_SPLIT_SEED
 from herd.errors import ConfigError
 from herd.systems.common import HerdSystem, load_system, read_checkpoint_header
 from herd.systems.fusion import FusionSystem
@@ -36,7 +37,12 @@ log = logging.getLogger(__name__)
 
 def resolve_data_config(cfg: DictConfig, header: dict) -> None:
     """cfg.data := the checkpoint's data config, overridden by any `++data.KEY=` given here;
-    a `data=` choice on the command line (a config with a _target_) is used as it is."""
+    a `data=` choice on the command line (a config with a _target_) is used as it is.
+    The held-out split is the checkpoint's unless `split_seed=` is given."""
+    if cfg.get("split_seed") is None:
+        trained_split_seed = (header.get("config") or {}).get("split_seed", DIGITS_SPLIT_SEED)
+        with open_dict(cfg):
+            cfg.split_seed = trained_split_seed
     given = cfg.get("data") or {}
     if "_target_" in given:
         return

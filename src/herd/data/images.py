@@ -31,6 +31,7 @@ from herd.data.base import HerdDataModule, check_source
 from herd.data.manifest import read_jsonl_manifest
 from herd.data.sampling import draw_key, resumable_train_sampler
 from herd.errors import ConfigError, DataError
+from herd.models.vision import ImageEncoderConfig
 from herd.utils.config import plain
 from herd.utils.rng import sample_seed, seeded_torch
 
@@ -193,10 +194,11 @@ def build_augmentation(specs: list[dict] | None):
     return v2.Compose(transforms)
 
 
-# The digits' held-out fractions: the vision stage's defaults, and the split the fusion
-# stage's digit images follow (with the same split_seed), so it never trains on the vision
-# stage's test images.
+# The digits' split: the vision stage's, and the one the fusion and review stages' digit
+# images follow, so that no stage trains on another's held-out images. The split seed is
+# also the configs' top-level `split_seed` (configs/train.yaml).
 DIGITS_VAL_FRACTION = DIGITS_TEST_FRACTION = 0.15
+DIGITS_SPLIT_SEED = 42
 
 
 def digits_split(labels: list[int], split: str, split_seed: int) -> np.ndarray:
@@ -246,7 +248,8 @@ class ImageDataModule(HerdDataModule):
         channels: 1 (grayscale) or 3 (RGB): the encoder's in_chans.
         num_classes: classes the model predicts; the data's labels must fit in it.
         batch_size, num_workers: DataLoader settings.
-        val_fraction, test_fraction: held-out shares of the stratified split.
+        val_fraction, test_fraction: held-out shares of the stratified split; None: 0.15
+            each, the only split source=digits takes (the later stages' images follow it).
         augment: training augmentations, [{"name": TRANSFORM, **kwargs}] of
             torchvision.transforms.v2 (on uint8 images); null for none.
         skip_bad_samples: skip and count bad manifest lines and unreadable images instead
@@ -260,17 +263,17 @@ class ImageDataModule(HerdDataModule):
         self,
         source: str = "digits",
         path: str | None = None,
-        image_size: int = 32,
-        channels: int = 1,
+        image_size: int = ImageEncoderConfig.img_size,
+        channels: int = ImageEncoderConfig.in_chans,
         num_classes: int = 10,
         batch_size: int = 64,
-        val_fraction: float = DIGITS_VAL_FRACTION,
-        test_fraction: float = DIGITS_TEST_FRACTION,
+        val_fraction: float | None = None,
+        test_fraction: float | None = None,
         augment: list | None = None,
         skip_bad_samples: bool = False,
         num_workers: int = 0,
         seed: int = 0,
-        split_seed: int = 42,
+        split_seed: int = DIGITS_SPLIT_SEED,
     ):
         super().__init__()
         augment = plain(augment)  # checkpoints must load with weights_only=True
@@ -278,6 +281,20 @@ class ImageDataModule(HerdDataModule):
         check_source(source, SOURCES, path, ("folder", "manifest"), "path", "its images")
         if channels not in (1, 3):
             raise ConfigError(f"data.channels={channels}: use 1 (grayscale) or 3 (RGB).")
+        digits_fractions = (DIGITS_VAL_FRACTION, DIGITS_TEST_FRACTION)
+        given = (val_fraction, test_fraction)
+        if source == "digits" and any(
+            f is not None and f != d for f, d in zip(given, digits_fractions, strict=True)
+        ):
+            raise ConfigError(
+                f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction}: the "
+                "embedded digits are split 0.15 / 0.15 for every stage (the fusion stage's images "
+                "follow the vision stage's split); leave both unset, or change data.split_seed."
+            )
+        val_fraction, test_fraction = (
+            d if f is None else f for f, d in zip(given, digits_fractions, strict=True)
+        )
+        self.hparams.update(val_fraction=val_fraction, test_fraction=test_fraction)
         if not (
             0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1
         ):

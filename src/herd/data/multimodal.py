@@ -26,7 +26,7 @@ from herd.data.audio import read_audio, speed_perturb
 from herd.data.base import HerdDataModule, check_source
 from herd.data.chat import IGNORE_INDEX, Example, collate, encode_example
 from herd.data.chat_manifest import read_chat_manifests
-from herd.data.images import digits_images, digits_split
+from herd.data.images import DIGITS_SPLIT_SEED, digits_images, digits_split
 from herd.data.numbers import TRANSLATE_PROMPT, number_to_english, phrases_of_split
 from herd.data.passkey import NEEDLE, REPEATED_FILLER
 from herd.data.sampling import draw_key, length_bucket_train_batches
@@ -181,9 +181,9 @@ class ChatInputSpec:
     encoder's size and channels."""
 
     tokenizer: Tokenizer
-    speech_tokens: Callable[[int], int] | None = None
-    image_size: int = 32
-    channels: int = 1
+    speech_tokens: Callable[[int], int] | None
+    image_size: int
+    channels: int
 
 
 @dataclass(frozen=True)
@@ -211,19 +211,24 @@ class ChatDataModule(HerdDataModule):
 
     def __init__(self):
         super().__init__()
-        self.tokenizer: Tokenizer | None = None
-        self.speech_tokens = None
-        self.image_size, self.channels = 32, 1
+        self.spec: ChatInputSpec | None = None  # the model's, once set up
         self.answer_tokens_per_batch: float | None = None  # FusionSystem.training_step
 
     def setup_for(self, spec: ChatInputSpec) -> None:
-        self.tokenizer, self.speech_tokens = spec.tokenizer, spec.speech_tokens
-        self.image_size, self.channels = spec.image_size, spec.channels
+        self.spec = spec
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.spec.tokenizer if self.spec is not None else None
+
+    @property
+    def speech_tokens(self) -> Callable[[int], int] | None:
+        return self.spec.speech_tokens if self.spec is not None else None
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if self.tokenizer is None:
+        if self.spec is None:
             system = self.trainer.lightning_module if self.trainer is not None else None
             if system is None:
                 raise ConfigError(f"{type(self).__name__} needs setup_for(...) outside a trainer.")
@@ -274,7 +279,7 @@ class FusionDataModule(ChatDataModule):
         speech_manifest: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
-        split_seed: int = 42,
+        split_seed: int = DIGITS_SPLIT_SEED,
         speed_perturb: list[float] | None = None,
         source: str = "digits",
         manifest: str | None = None,
@@ -348,8 +353,8 @@ class FusionDataModule(ChatDataModule):
             files,
             self.tokenizer,
             self.speech_tokens,
-            self.image_size,
-            self.channels,
+            self.spec.image_size,
+            self.spec.channels,
             hp.max_tokens,
             hp.skip_bad_samples,
         )
@@ -364,7 +369,7 @@ class FusionDataModule(ChatDataModule):
         hp, tasks = self.hparams, self.tasks
         out: dict[str, list[Example]] = {}
         if "image" in tasks:
-            out["image"] = image_examples(split, self.image_size, self.channels, hp.split_seed)
+            out["image"] = image_examples(split, self.spec.image_size, self.spec.channels, hp.split_seed)
         spoken = tuple(t for t in ("asr", "st") if t in tasks)
         if spoken:
             manifest = Path(hp.speech_manifest) if hp.speech_manifest else DIGITS_MANIFEST

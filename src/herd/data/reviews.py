@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from herd.data.audio import SAMPLE_RATE
 from herd.data.chat import chat_ids, prompt_ids
 from herd.data.corpus import pydoc_documents, split_documents
-from herd.data.images import digits_images, digits_split
+from herd.data.images import DIGITS_SPLIT_SEED, digits_images, digits_split
 from herd.data.multimodal import ChatDataModule, speech_examples
 from herd.data.numbers import PASSAGE, PASSAGE_QUESTION, number_to_english, phrases_of_split
 from herd.data.passkey import NEEDLE
@@ -415,7 +415,7 @@ class ReviewDataModule(ChatDataModule):
         speech_manifest: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
-        split_seed: int = 42,
+        split_seed: int = DIGITS_SPLIT_SEED,
     ):
         super().__init__()
         doc_tokens = [int(n) for n in plain(doc_tokens) or [300, 4000]]
@@ -477,8 +477,8 @@ class ReviewDataModule(ChatDataModule):
         for split in ("train", "val", "test"):
             sources = load_sources(
                 split,
-                self.image_size,
-                self.channels,
+                self.spec.image_size,
+                self.spec.channels,
                 hp.split_seed,
                 manifest,
                 hp.passages,

@@ -259,9 +259,9 @@ class FusionSystem(HerdSystem):
     def input_spec(self) -> ChatInputSpec:
         """What this model fixes about its inputs, for the data module (setup_for)."""
         encoder = self.model.image_encoder
-        size, channels = (
-            (32, 1) if encoder is None else (encoder.config.img_size, encoder.config.in_chans)
-        )
+        # without an image encoder no image is read; drawn at the default encoder's shape
+        image = encoder.config if encoder is not None else ImageEncoderConfig()
+        size, channels = image.img_size, image.in_chans
         speech_tokens = self.model.speech_tokens if self.model.speech_encoder is not None else None
         return ChatInputSpec(self.tokenizer, speech_tokens, size, channels)
 
