@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from herd.data.chat import encode_chat
 from herd.data.corpus import pydoc_documents, read_text_manifest, split_documents
 from herd.data.multimodal import translation_examples
 from herd.data.numbers import translation_documents
@@ -172,8 +173,8 @@ def test_meta_tokenizer_model_with_llama3_special_ids(tmp_path):
 @pytest.mark.parametrize("spec", ["herd_bpe", "bytes"])
 def test_llama3_chat_format(spec):
     tok = load_tokenizer(spec)
-    ids = tok.encode_chat(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = encode_chat(
+        [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Hi"}], tok
     )
     s = tok.special_ids
     assert ids[0] == tok.bos_id

@@ -90,6 +90,24 @@ def chat_turns(turns: Sequence[tuple[str, Sequence[int] | str]], tokenizer: Toke
     return {"input_ids": input_ids, "labels": [*labels, IGNORE_INDEX], "prompt_len": prompt_len}
 
 
+def encode_chat(
+    messages: Sequence[dict], tokenizer: Tokenizer, add_generation_prompt: bool = True
+) -> list[int]:
+    """Text messages [{"role", "content"}] -> token ids in the chat format (content trimmed,
+    as Llama 3's chat template does), followed for generation by an open assistant header."""
+    turns = [
+        (
+            m["role"],
+            m["content"].strip()
+            if m["role"] == "assistant"
+            else tokenizer.encode(m["content"].strip()),
+        )
+        for m in messages
+    ]
+    ids = chat_turns(turns, tokenizer)["input_ids"]
+    return ids + tokenizer.header_ids("assistant") if add_generation_prompt else ids
+
+
 def chat_ids(
     user_ids: list[int],
     answer: str,

@@ -369,7 +369,9 @@ class FusionDataModule(ChatDataModule):
         hp, tasks = self.hparams, self.tasks
         out: dict[str, list[Example]] = {}
         if "image" in tasks:
-            out["image"] = image_examples(split, self.spec.image_size, self.spec.channels, hp.split_seed)
+            out["image"] = image_examples(
+                split, self.spec.image_size, self.spec.channels, hp.split_seed
+            )
         spoken = tuple(t for t in ("asr", "st") if t in tasks)
         if spoken:
             manifest = Path(hp.speech_manifest) if hp.speech_manifest else DIGITS_MANIFEST

@@ -7,7 +7,7 @@
 - a path to a Hugging Face `tokenizer.json`, to Meta's `tokenizer.model` (tiktoken BPE
   ranks), or to a checkpoint directory holding either.
 
-Every tokenizer speaks the Llama 3 chat format (`encode_chat`).
+Every tokenizer carries the Llama 3 chat format's special tokens (the format: herd.data.chat).
 """
 
 from __future__ import annotations
@@ -84,18 +84,6 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         return self.special_ids[PAD]
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Llama 3 chat format:
-        <|begin_of_text|>(<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>)*
-        followed, for generation, by an open assistant header."""
-        ids = [self.bos_id]
-        for message in messages:
-            ids += [*self.header_ids(message["role"]), *self._encode(message["content"].strip())]
-            ids.append(self.eot_id)
-        if add_generation_prompt:
-            ids += self.header_ids("assistant")
-        return ids
 
     def header_ids(self, role: str) -> list[int]:
         """<|start_header_id|>{role}<|end_header_id|>\n\n: what opens each turn."""
