@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from herd.errors import ConfigError
+from herd.models.llama import LLAMA31_SCALING
 from herd.train import CONFIG_DIR, instantiate_all
 from herd.utils import preflight
 from herd.utils.preflight import check_context, check_hardware
@@ -158,6 +159,7 @@ def test_context_sets_model_and_data_lengths_and_rope_scaling(context, tmp_path)
     assert config.max_seq_len == cfg.data.seq_len == cfg.context.seq_len
     # llama3 scaling exactly when the context exceeds the 8K pre-training length
     assert (config.rope_scaling is not None) == (config.max_seq_len > 8192)
+    assert config.rope_scaling in (None, LLAMA31_SCALING)  # Llama 3.1's, as released
     assert system.hparams.loss_chunk_size == cfg.context.loss_chunk_size
 
 

@@ -67,7 +67,7 @@ class LlamaConfig:
     ffn_dim: int
     norm_eps: float = 1e-5
     rope_theta: float = 500_000.0
-    max_seq_len: int = 8192
+    max_seq_len: int = ORIGINAL_CONTEXT
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
     # embedding rows beyond the vocabulary that are read but never predicted: Llama 3.2
