@@ -62,9 +62,15 @@ def small_reviews(**settings) -> ReviewDataModule:
     defaults = {"doc_tokens": [200, 1500], "max_tokens": 512, "train_docs": 40}
     defaults.update(val_per_task=2, test_per_task=6, recording_seconds=[4.0, 8.0])
     data = ReviewDataModule(**{**defaults, **settings})
-    data.setup_for(ChatInputSpec(TOKENIZER, speech_tokens, image_size=32, channels=1))
+    data.setup_for(ChatInputSpec(TOKENIZER, speech_tokens, 16_000, image_size=32, channels=1))
     data.setup("fit")
     return data
+
+
+def test_a_speech_encoder_at_another_sample_rate_is_refused():
+    spec = ChatInputSpec(TOKENIZER, speech_tokens, 8_000, image_size=32, channels=1)
+    with pytest.raises(ConfigError, match="reads 8000 Hz audio, but the fusion stage's data"):
+        ReviewDataModule().setup_for(spec)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
-from herd.data.audio import read_audio, speed_perturb
+from herd.data.audio import SAMPLE_RATE, read_audio, speed_perturb
 from herd.data.base import HerdDataModule, check_source
 from herd.data.chat import IGNORE_INDEX, Example, collate, encode_example
 from herd.data.chat_manifest import read_chat_manifests
@@ -177,11 +177,12 @@ def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[
 class ChatInputSpec:
     """What the fusion model being trained fixes about its inputs (FusionSystem.input_spec):
     prompts are encoded with its tokenizer, each clip gets `speech_tokens(num_samples)`
-    placeholders (None: the model has no speech encoder), images are drawn at its image
-    encoder's size and channels."""
+    placeholders (None: the model has no speech encoder) and its encoder reads audio at
+    `sample_rate`, images are drawn at its image encoder's size and channels."""
 
     tokenizer: Tokenizer
     speech_tokens: Callable[[int], int] | None
+    sample_rate: int | None
     image_size: int
     channels: int
 
@@ -215,6 +216,11 @@ class ChatDataModule(HerdDataModule):
         self.answer_tokens_per_batch: float | None = None  # FusionSystem.training_step
 
     def setup_for(self, spec: ChatInputSpec) -> None:
+        if spec.speech_tokens is not None and spec.sample_rate != SAMPLE_RATE:
+            raise ConfigError(
+                f"The speech encoder reads {spec.sample_rate} Hz audio, but the fusion stage's "
+                f"data is read at {SAMPLE_RATE} Hz; train the speech stage at {SAMPLE_RATE} Hz."
+            )
         self.spec = spec
 
     @property

@@ -262,8 +262,11 @@ class FusionSystem(HerdSystem):
         # without an image encoder no image is read; drawn at the default encoder's shape
         image = encoder.config if encoder is not None else ImageEncoderConfig()
         size, channels = image.img_size, image.in_chans
-        speech_tokens = self.model.speech_tokens if self.model.speech_encoder is not None else None
-        return ChatInputSpec(self.tokenizer, speech_tokens, size, channels)
+        speech = self.model.speech_encoder
+        speech_tokens, rate = (
+            (self.model.speech_tokens, speech.config.sample_rate) if speech else (None, None)
+        )
+        return ChatInputSpec(self.tokenizer, speech_tokens, rate, size, channels)
 
     def on_fit_start(self) -> None:
         counts = {f"model/{k}_params": float(v) for k, v in self.parameter_counts.items()}
