@@ -10,7 +10,7 @@ import torch
 
 from herd.data.chat import encode_chat
 from herd.data.corpus import pydoc_documents, read_text_manifest, split_documents
-from herd.data.multimodal import translation_examples
+from herd.data.digits_tasks import translation_examples
 from herd.data.numbers import translation_documents
 from herd.data.packing import pack_documents
 from herd.data.splits import hash_split
@@ -261,7 +261,8 @@ def test_too_little_training_data_for_one_batch_is_refused(tmp_path):
 def test_training_passkey_prompts_can_be_shorter_than_the_test_ones():
     """data.passkey_filler_repeats bounds the training prompts' filler; the held-out prompts
     keep theirs, so the metric stays comparable."""
-    from herd.data.multimodal import FusionDataModule, passkey_examples
+    from herd.data.digits_tasks import passkey_examples
+    from herd.data.multimodal import FusionDataModule
     from herd.data.passkey import REPEATED_FILLER
 
     data = FusionDataModule(weights={"passkey": 1.0}, passkey_train=50, passkey_filler_repeats=1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from herd.data.chat import IGNORE_INDEX, chat_ids
-from herd.data.multimodal import ChatInputSpec
+from herd.data.chat_module import ChatInputSpec
 from herd.data.reviews import (
     REVIEW_TASKS,
     ReviewDataModule,

@@ -1,60 +1,38 @@
 """Interleaved image / speech / text samples for the fusion stage, in the Llama 3 chat
-format (herd.data.chat), from the digits world or a user's chat manifest
-(herd.data.chat_manifest).
-
-Tasks on the embedded "digits" world (all real data shipped with the repo or a package):
-  image   handwritten digit -> its English word            (metric: top1, exact match)
-  asr     spoken phrase -> English transcript               (metric: wer)
-  st      spoken phrase -> German translation               (metric: bleu_st)
-  mt      English number phrase -> German                   (metric: bleu_mt)
-  passkey a five-digit key hidden in filler -> the key      (metric: passkey_acc)
-"""
+format (herd.data.chat): the digits world's five tasks (herd.data.digits_tasks) mixed for
+training, or a user's chat manifest (herd.data.chat_manifest)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
-from herd.data.audio import SAMPLE_RATE, read_audio, speed_perturb
-from herd.data.base import HerdDataModule, check_source
-from herd.data.chat import IGNORE_INDEX, Example, collate, encode_example
+from herd.data.audio import speed_perturb
+from herd.data.base import check_source
+from herd.data.chat import IGNORE_INDEX, Example, encode_example
 from herd.data.chat_manifest import read_chat_manifests
-from herd.data.images import DIGITS_SPLIT_SEED, digits_images, digits_split
-from herd.data.numbers import TRANSLATE_PROMPT, number_to_english, phrases_of_split
-from herd.data.passkey import NEEDLE, REPEATED_FILLER
+from herd.data.chat_module import ChatDataModule
+from herd.data.digits_tasks import (
+    PASSKEY_FILLER_REPEATS,
+    TASKS,
+    image_examples,
+    passkey_examples,
+    speech_examples,
+    translation_examples,
+)
+from herd.data.images import DIGITS_SPLIT_SEED
 from herd.data.sampling import draw_key, length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
-from herd.data.tokenizer import IMAGE, SPEECH, Tokenizer
+from herd.data.tokenizer import Tokenizer
 from herd.errors import ConfigError, DataError
 from herd.utils.config import plain
 from herd.utils.rng import sample_rng
 
 log = logging.getLogger(__name__)
-
-TASKS = ("image", "asr", "st", "mt", "passkey")
-PASSKEY_FILLER_REPEATS = 4  # the validation and test prompts' (see passkey_examples)
-# What each task's answer is scored with (see herd.systems.fusion).
-TASK_METRIC = {
-    "image": "top1",
-    "asr": "wer",
-    "st": "bleu_st",
-    "mt": "bleu_mt",
-    "passkey": "passkey_acc",
-}
-PROMPTS = {
-    "image": f"{IMAGE}which digit is this?",
-    "asr": f"{SPEECH}transcribe the audio.",
-    "st": f"{SPEECH}translate the audio into german.",
-    "mt": TRANSLATE_PROMPT,
-    "passkey": "{text}what is the pass key?",
-}
 
 
 class ExampleDataset(Dataset):
@@ -110,155 +88,6 @@ def mix_examples(
             count -= len(pool[:count])
     rng.shuffle(mixed)
     return mixed
-
-
-# ----------------------------------------------------------------------------- text tasks
-
-
-def translation_examples(n: int, seed: int, split: str) -> list[Example]:
-    """English -> German number phrases; the split is decided by the English text."""
-    return [
-        Example("mt", PROMPTS["mt"].format(text=p.english), p.german)
-        for p in phrases_of_split(n, seed, split)
-    ]
-
-
-def passkey_examples(
-    n: int, seed: int, max_filler_repeats: int = PASSKEY_FILLER_REPEATS
-) -> list[Example]:
-    """A five-digit key with 0 to `max_filler_repeats` - 1 copies of the filler sentences on
-    each side."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        key = f"{rng.randrange(10_000, 100_000)}"
-        before, after = rng.randrange(max_filler_repeats), rng.randrange(max_filler_repeats)
-        text = REPEATED_FILLER * before + NEEDLE.format(key=key) + REPEATED_FILLER * after
-        out.append(Example("passkey", PROMPTS["passkey"].format(text=text), key))
-    return out
-
-
-def image_examples(split: str, image_size: int, channels: int, seed: int) -> list[Example]:
-    """Handwritten digits -> their English word, on the vision stage's own split (same
-    split_seed and fractions as data=digits), scaled to [-1, 1] as the image encoder was
-    trained."""
-    images, labels, _ = digits_images(image_size, channels)
-    index = digits_split(labels, split, seed)
-    return [
-        Example(
-            "image",
-            PROMPTS["image"],
-            number_to_english(labels[i]),
-            images=(images[i] / 127.5 - 1.0,),
-        )
-        for i in index
-    ]
-
-
-def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[Example]:
-    """Spoken phrases of the corpus (split by voice) -> transcript (asr) and German (st)."""
-    out = []
-    for lineno, raw in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            entry = json.loads(raw)
-            if entry.get("split") != split:
-                continue
-            audio = read_audio(manifest.parent / entry["audio"])
-            answers = {"asr": entry["text"], "st": entry["german"]}
-        except (ValueError, OSError, RuntimeError, KeyError) as exc:
-            raise DataError(f"{manifest}, line {lineno}: {exc}.") from exc
-        out += [Example(t, PROMPTS[t], answers[t], audio=(audio,)) for t in tasks]
-    return out
-
-
-@dataclass(frozen=True)
-class ChatInputSpec:
-    """What the fusion model being trained fixes about its inputs (FusionSystem.input_spec):
-    prompts are encoded with its tokenizer, each clip gets `speech_tokens(num_samples)`
-    placeholders (None: the model has no speech encoder) and its encoder reads audio at
-    `sample_rate`, images are drawn at its image encoder's size and channels."""
-
-    tokenizer: Tokenizer
-    speech_tokens: Callable[[int], int] | None
-    sample_rate: int | None
-    image_size: int
-    channels: int
-
-
-@dataclass(frozen=True)
-class ChatDataFacts:
-    """What the chat data tells the fusion system once set up (ChatDataModule.facts()): the
-    metric that scores each task (None: its loss alone), the evidence distance beyond which
-    an answer also counts as `_far` (None: no near/far split), the mean answer tokens per
-    training batch (the loss weight that makes every answer token count the same), and the
-    truncation counts to log."""
-
-    task_metric: Mapping[str, str | None] = field(default_factory=lambda: dict(TASK_METRIC))
-    evidence_far_tokens: int | None = None
-    answer_tokens_per_batch: float | None = None
-    truncation: Mapping[str, float] = field(default_factory=dict)
-
-
-class ChatDataModule(HerdDataModule):
-    """What the fusion stage's data modules share: the input spec comes from the fusion model
-    being trained (`trainer.lightning_module.input_spec()`), so prompts always match it;
-    outside a trainer pass one to `setup_for(spec)`. Subclasses fill `self.datasets` in
-    `build_datasets()`. `task_metric` maps each task to the metric that scores its answers."""
-
-    task_metric: dict[str, str] = TASK_METRIC
-    evidence_far_tokens: int | None = None  # review documents split their metrics near/far
-
-    def __init__(self):
-        super().__init__()
-        self.spec: ChatInputSpec | None = None  # the model's, once set up
-        self.answer_tokens_per_batch: float | None = None  # FusionSystem.training_step
-
-    def setup_for(self, spec: ChatInputSpec) -> None:
-        if spec.speech_tokens is not None and spec.sample_rate != SAMPLE_RATE:
-            raise ConfigError(
-                f"The speech encoder reads {spec.sample_rate} Hz audio, but the fusion stage's "
-                f"data is read at {SAMPLE_RATE} Hz; train the speech stage at {SAMPLE_RATE} Hz."
-            )
-        self.spec = spec
-
-    @property
-    def tokenizer(self) -> Tokenizer | None:
-        return self.spec.tokenizer if self.spec is not None else None
-
-    @property
-    def speech_tokens(self) -> Callable[[int], int] | None:
-        return self.spec.speech_tokens if self.spec is not None else None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        if self.spec is None:
-            system = self.trainer.lightning_module if self.trainer is not None else None
-            if system is None:
-                raise ConfigError(f"{type(self).__name__} needs setup_for(...) outside a trainer.")
-            self.setup_for(system.input_spec())
-        self.build_datasets()
-
-    def build_datasets(self) -> None:
-        raise NotImplementedError
-
-    def collate_fn(self):
-        return partial(collate, pad_id=self.tokenizer.pad_id)
-
-    def truncation_metrics(self) -> dict[str, float]:
-        """How much of the samples the context cuts (review documents say; others cut none)."""
-        return {}
-
-    def facts(self) -> ChatDataFacts:
-        """What the fusion system needs to know of this data, after setup()."""
-        return ChatDataFacts(
-            dict(self.task_metric),
-            self.evidence_far_tokens,
-            self.answer_tokens_per_batch,
-            self.truncation_metrics(),
-        )
 
 
 class FusionDataModule(ChatDataModule):
@@ -437,13 +266,4 @@ class FusionDataModule(ChatDataModule):
         return out
 
 
-__all__ = [
-    "ChatDataModule",
-    "TASKS",
-    "TASK_METRIC",
-    "ExampleDataset",
-    "FusionDataModule",
-    "mix_examples",
-    "passkey_examples",
-    "translation_examples",
-]
+__all__ = ["ExampleDataset", "FusionDataModule", "mix_examples"]

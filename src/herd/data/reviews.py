@@ -40,9 +40,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from herd.data.audio import SAMPLE_RATE
 from herd.data.chat import chat_ids, prompt_ids
+from herd.data.chat_module import ChatDataModule
 from herd.data.corpus import pydoc_documents, split_documents
+from herd.data.digits_tasks import speech_examples
 from herd.data.images import DIGITS_SPLIT_SEED, digits_images, digits_split
-from herd.data.multimodal import ChatDataModule, speech_examples
 from herd.data.numbers import PASSAGE, PASSAGE_QUESTION, number_to_english, phrases_of_split
 from herd.data.passkey import NEEDLE
 from herd.data.sampling import length_bucket_train_batches

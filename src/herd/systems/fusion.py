@@ -13,7 +13,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import SacreBLEUScore, WordErrorRate
 
 from herd.data.audio import SpecAugment
-from herd.data.multimodal import TASKS, ChatDataFacts, ChatDataModule, ChatInputSpec
+from herd.data.chat_module import ChatDataFacts, ChatDataModule, ChatInputSpec
+from herd.data.digits_tasks import TASKS
 from herd.data.tokenizer import IMAGE, SPEECH, load_tokenizer
 from herd.errors import ConfigError
 from herd.models.fusion import build_fusion_model
