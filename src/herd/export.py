@@ -19,7 +19,7 @@ from herd.errors import ConfigError
 from herd.models.pretrained import save_hf_checkpoint
 from herd.systems.common import load_system
 from herd.systems.fusion_export import PARTS, save_fusion_export
-from herd.utils.cli import expected_error, print_error
+from herd.utils.cli import report_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export(args.ckpt, args.out, args.dtype, args.max_shard_mb, args.parts)
     except Exception as exc:
-        message = expected_error(exc)
-        if message is None:
-            raise
-        print_error("herd-export", message)
-        return 1
+        return report_error("herd-export", exc)
     print(f"wrote {out}")
     return 0
 

@@ -20,7 +20,7 @@ from herd.report.tables import (
     trained_parameters_table,
     write_csv,
 )
-from herd.utils.cli import expected_error, print_error
+from herd.utils.cli import report_error
 
 
 def machine() -> str:
@@ -166,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_selector(args.treatment),
         )
     except Exception as exc:
-        message = expected_error(exc)
-        if message is None:
-            raise
-        print_error("herd-report", message)
-        return 1
+        return report_error("herd-report", exc)
     if not args.quiet:
         print(report)
     print(

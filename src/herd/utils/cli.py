@@ -59,9 +59,14 @@ def print_error(prog: str, message: str) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
 
 
-def _fail(message: str):
-    print_error("herd", message)
-    sys.exit(1)
+def report_error(prog: str, exc: Exception) -> int:
+    """In a command's `except`: an error the user can fix becomes one line `{prog}: error:
+    ...` and exit status 1; anything else is a bug and is raised again, traceback and all."""
+    message = expected_error(exc)
+    if message is None:
+        raise exc
+    print_error(prog, message)
+    return 1
 
 
 class _DropAdverts(logging.Filter):
@@ -88,10 +93,7 @@ def report_errors(task):
         except Exception as exc:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            message = expected_error(exc)
-            if message is None:
-                raise
-            _fail(message)
+            sys.exit(report_error("herd", exc))
 
     return wrapper
 
@@ -106,10 +108,12 @@ class RunDirectories(Callback):
         except OSError as exc:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            _fail(
+            print_error(
+                "herd",
                 f"cannot create the {what} {path} ({exc.strerror or exc}); set HERD_LOG_DIR "
-                f"(or hydra.{what.split()[0]}.dir) to a writable directory."
+                f"(or hydra.{what.split()[0]}.dir) to a writable directory.",
             )
+            sys.exit(1)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         self._make(config.hydra.run.dir, "run directory")
