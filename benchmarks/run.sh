@@ -36,10 +36,17 @@ if [[ $what == memory || $what == all ]]; then
             $main benchmarks/throughput.py --impl $impl --seq-len $seq --batch-size 1 --steps 1 --warmup 1 >> "$file"
         done
     done
-    # herd at 8K with the activation checkpointing that context=8k turns on (and full)
-    for mode in selective full; do
-        $main benchmarks/throughput.py --impl herd --checkpointing $mode --seq-len 8192 --batch-size 1 \
-            --steps 1 --warmup 1 >> "$file"
+    # herd at 8K with each activation checkpointing mode (context=8k turns on attention), two
+    # interleaved rounds beside transformers
+    modes=$out/memory_8k_checkpointing_cpu.jsonl
+    : > "$modes"
+    for round in 1 2; do
+        for mode in attention selective full none; do
+            $main benchmarks/throughput.py --impl herd --checkpointing $mode --seq-len 8192 \
+                --batch-size 1 --steps 1 --warmup 1 >> "$modes"
+        done
+        $main benchmarks/throughput.py --impl transformers --seq-len 8192 --batch-size 1 --steps 1 \
+            --warmup 1 >> "$modes"
     done
     # the longest contexts: herd with full activation checkpointing (a 32K step takes minutes on CPU)
     for seq in 16384 32768; do

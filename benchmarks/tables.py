@@ -56,3 +56,7 @@ if __name__ == "__main__":
     if memory:
         print(f"### Memory against context length ({memory[0]['device']})\n")
         print(memory_table(memory))
+    modes = load("memory_8k_checkpointing_cpu.jsonl")
+    if modes:
+        print(f"\n### Checkpointing modes at 8192 tokens ({modes[0]['device']})\n")
+        print(memory_table(modes))

@@ -127,7 +127,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", choices=sorted(BUILDERS), required=True)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--checkpointing", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--checkpointing", choices=["none", "attention", "selective", "full"], default="none")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--n-layers", type=int, default=8)
     p.add_argument("--n-heads", type=int, default=8)

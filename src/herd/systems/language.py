@@ -86,7 +86,7 @@ class LanguageSystem(HerdSystem):
         pretrained: a Llama 3.x checkpoint directory (Hugging Face or Meta layout), or a herd
             language checkpoint (.ckpt), to start from. Its architecture is kept; its RoPE
             scaling too, unless it has none and `llama` brings one (context extension).
-        activation_checkpointing: none | selective | full, per decoder layer.
+        activation_checkpointing: none | attention | selective | full, per decoder layer.
         compile: torch.compile each decoder layer.
     """
 

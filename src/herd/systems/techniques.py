@@ -17,30 +17,39 @@ from torch.utils.checkpoint import (
 
 from herd.errors import ConfigError
 
-CHECKPOINTING_MODES = ("none", "selective", "full")
+CHECKPOINTING_MODES = ("none", "attention", "selective", "full")
 
-# Selective checkpointing keeps the results of the expensive ops and recomputes the cheap
-# elementwise ones (norms, activations, RoPE) in backward.
-_SAVED_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten.bmm.default,
+# What each selective mode keeps from the forward; everything else is recomputed in backward.
+# attention: the attention kernels' outputs only, the one part whose cost grows with the
+#   square of the length (a [T, dim] result per layer), so long rows recompute the linear
+#   layers but never attention: nearly full checkpointing's memory, less of its time.
+# selective: also every matmul's output, recomputing only elementwise ops (norms,
+#   activations, RoPE).
+_ATTENTION_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
+_SAVED_OPS = {
+    "attention": _ATTENTION_OPS,
+    "selective": _ATTENTION_OPS
+    | {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default},
+}
 
 
-def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _saving(ops: set):
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
 def _checkpoint_forward(block: nn.Module, mode: str) -> None:
     forward = block.forward
     context_fn = (
-        functools.partial(create_selective_checkpoint_contexts, _selective_policy)
-        if mode == "selective"
+        functools.partial(create_selective_checkpoint_contexts, _saving(_SAVED_OPS[mode]))
+        if mode in _SAVED_OPS
         else None
     )
 
@@ -48,7 +57,11 @@ def _checkpoint_forward(block: nn.Module, mode: str) -> None:
     def checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation and generation: nothing to save
             return forward(*args, **kwargs)
-        extra = {"context_fn": context_fn} if context_fn else {}
+        # what selective modes keep goes through any surrounding saved-tensor hooks (e.g.
+        # save_on_cpu), as torch will by default
+        extra = (
+            {"context_fn": context_fn, "respect_saved_tensors_hooks": True} if context_fn else {}
+        )
         return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 
     block.forward = checkpointed
