@@ -1,7 +1,7 @@
 """Training step speed and peak memory of one decoder implementation, in its own process.
 
     python benchmarks/throughput.py --impl herd            # herd, eager
-    python benchmarks/throughput.py --impl herd --compile  # herd, each block torch.compiled
+    python benchmarks/throughput.py --impl herd --compile  # herd, each block and the loss compiled
     python benchmarks/throughput.py --impl transformers    # transformers.LlamaForCausalLM (SDPA)
     python benchmarks/throughput.py --impl litgpt          # litgpt.GPT (needs .venv-bench)
 
@@ -46,9 +46,11 @@ def herd_model(args):
 
     def loss_fn(tokens):
         hidden = model.hidden_states(tokens[:, :-1])
-        return chunked_cross_entropy(hidden, model.lm_head.weight, tokens[:, 1:], args.loss_chunk)[
-            0
-        ]
+        compiled_loss = args.compile and not args.eager_loss  # as herd-train's model.compile
+        labels = tokens[:, 1:]
+        return chunked_cross_entropy(
+            hidden, model.lm_head.weight, labels, args.loss_chunk, compiled_loss
+        )[0]
 
     return model, loss_fn
 
@@ -127,7 +129,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", choices=sorted(BUILDERS), required=True)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--checkpointing", choices=["none", "attention", "selective", "full"], default="none")
+    p.add_argument("--eager-loss", action="store_true", help="herd --compile: the layers only")
+    p.add_argument(
+        "--checkpointing", choices=["none", "attention", "selective", "full"], default="none"
+    )
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--n-layers", type=int, default=8)
     p.add_argument("--n-heads", type=int, default=8)
@@ -166,7 +171,9 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "impl": args.impl + ("+compile" if args.compile else ""),
+                "impl": args.impl
+                + ("+compile" if args.compile else "")
+                + (" (eager loss)" if args.compile and args.eager_loss else ""),
                 "checkpointing": args.checkpointing,
                 "seq_len": args.seq_len,
                 "batch_size": args.batch_size,

@@ -59,3 +59,20 @@ def test_no_full_logits_tensor_is_kept_for_backward():
     assert sum(saved) < 4096 * 2000 / 8
     loss.backward()
     assert hidden.grad is not None and weight.grad is not None
+
+
+def test_the_compiled_loss_equals_the_eager_one():
+    """model.compile also compiles each chunk's softmax and gradient passes: same numbers."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 37, 16)
+    weight = torch.randn(50, 16)
+    labels = torch.randint(0, 50, (2, 37))
+    labels[0, :5] = IGNORE_INDEX
+    results = []
+    for compiled in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, n = chunked_cross_entropy(h, w, labels, chunk_size=16, compiled=compiled)
+        loss.backward()
+        results.append((loss.detach(), n, h.grad, w.grad))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -87,7 +87,7 @@ class LanguageSystem(HerdSystem):
             language checkpoint (.ckpt), to start from. Its architecture is kept; its RoPE
             scaling too, unless it has none and `llama` brings one (context extension).
         activation_checkpointing: none | attention | selective | full, per decoder layer.
-        compile: torch.compile each decoder layer.
+        compile: torch.compile each decoder layer and the loss's per-chunk elementwise work.
     """
 
     def __init__(
@@ -134,8 +134,9 @@ class LanguageSystem(HerdSystem):
         hidden = self.model.hidden_states(
             batch["input_ids"], doc_ids=batch.get("doc_ids")
         )  # [B, T, D]
+        hp = self.hparams
         return chunked_cross_entropy(
-            hidden, self.model.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size
+            hidden, self.model.lm_head.weight, batch["labels"], hp.loss_chunk_size, hp.compile
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

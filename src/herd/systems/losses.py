@@ -15,11 +15,46 @@ import torch
 from herd.data.packing import IGNORE_INDEX
 
 
+def _chunk_terms(
+    logits: torch.Tensor, labels: torch.Tensor, n_valid: torch.Tensor, dtype, with_grad: bool
+):
+    """One chunk's elementwise work: logits [C, V], labels [C] -> (summed cross-entropy of its
+    valid tokens, d(mean loss)/d(logits) [C, V] in `dtype`, or None without `with_grad`).
+    Its passes over [C, V] are what compiling fuses (the loss's share of a step that is not
+    matmul)."""
+    # bf16/fp16 logits are upcast: the softmax over a large vocabulary needs fp32.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    valid = labels != IGNORE_INDEX  # [C]
+    target = labels.clamp(min=0)
+    lse = logits.logsumexp(dim=-1)  # [C]
+    target_logit = logits.gather(1, target[:, None]).squeeze(1)  # [C]
+    loss_sum = ((lse - target_logit) * valid).sum()
+    if not with_grad:
+        return loss_sum, None
+    # d CE / d logits = softmax - onehot, for valid rows, over the token count
+    grad_logits = (logits - lse[:, None]).exp_()  # [C, V], reuses no other buffer
+    grad_logits[torch.arange(len(labels), device=labels.device), target] -= 1
+    grad_logits *= (valid / n_valid).to(grad_logits.dtype)[:, None]
+    return loss_sum, grad_logits.to(dtype)
+
+
+_compiled_chunk_terms = None
+
+
+def _chunk_terms_fn(compiled: bool):
+    global _compiled_chunk_terms
+    if not compiled:
+        return _chunk_terms
+    if _compiled_chunk_terms is None:
+        _compiled_chunk_terms = torch.compile(_chunk_terms, dynamic=True)
+    return _compiled_chunk_terms
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over valid tokens of CE(hidden @ weight.T, labels) / n_valid, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, grad_enabled: bool):
+    def forward(ctx, hidden, weight, labels, chunk_size: int, grad_enabled: bool, compiled: bool):
         # hidden [N, D], weight [V, D], labels [N]. needs_input_grad ignores no_grad(), so
         # grad_enabled tells evaluation apart from training.
         want_h = grad_enabled and ctx.needs_input_grad[0]
@@ -28,22 +63,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if want_h else None  # [N, D]
         grad_weight = torch.zeros_like(weight) if want_w else None  # [V, D]
         total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        terms = _chunk_terms_fn(compiled)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
             logits = h @ weight.t()  # [C, V]
-            # bf16/fp16 logits are upcast: the softmax over a large vocabulary needs fp32.
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            valid = y != IGNORE_INDEX  # [C]
-            target = y.clamp(min=0)
-            lse = logits.logsumexp(dim=-1)  # [C]
-            target_logit = logits.gather(1, target[:, None]).squeeze(1)  # [C]
-            total = total + ((lse - target_logit) * valid).sum()
-            if want_h or want_w:
-                # d CE / d logits = softmax - onehot, for valid rows, over the token count
-                grad_logits = (logits - lse[:, None]).exp_()  # [C, V], reuses no other buffer
-                grad_logits[torch.arange(len(y), device=y.device), target] -= 1
-                grad_logits *= (valid / n_valid).to(grad_logits.dtype)[:, None]
-                grad_logits = grad_logits.to(h.dtype)
+            loss_sum, grad_logits = terms(logits, y, n_valid, h.dtype, want_h or want_w)
+            total = total + loss_sum
+            if grad_logits is not None:
                 if want_h:
                     grad_hidden[start : start + chunk_size] = grad_logits @ weight  # [C, D]
                 if want_w:
@@ -61,6 +87,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -69,8 +96,10 @@ def chunked_cross_entropy(
     weight: torch.Tensor,  # [V, D] output projection
     labels: torch.Tensor,  # [B, T] (or [N]) target ids, IGNORE_INDEX where no loss
     chunk_size: int = 1024,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean token cross-entropy and the number of counted tokens, without a [B, T, V] tensor."""
+    """Mean token cross-entropy and the number of counted tokens, without a [B, T, V] tensor.
+    `compiled`: each chunk's elementwise work through torch.compile (with model.compile)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
     labels = labels.reshape(-1)  # [N]
     valid = labels != IGNORE_INDEX
@@ -80,6 +109,6 @@ def chunked_cross_entropy(
         # logits at all. Costs one host sync; fully labelled pre-training batches skip it.
         hidden, labels = hidden[valid], labels[valid]  # [N', D], [N']
     loss = _ChunkedLinearCrossEntropy.apply(
-        hidden, weight, labels, chunk_size, torch.is_grad_enabled()
+        hidden, weight, labels, chunk_size, torch.is_grad_enabled(), compiled
     )
     return loss, n_tokens
