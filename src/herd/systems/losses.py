@@ -10,6 +10,8 @@ recomputed.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from herd.data.packing import IGNORE_INDEX
@@ -38,16 +40,9 @@ def _chunk_terms(
     return loss_sum, grad_logits.to(dtype)
 
 
-_compiled_chunk_terms = None
-
-
-def _chunk_terms_fn(compiled: bool):
-    global _compiled_chunk_terms
-    if not compiled:
-        return _chunk_terms
-    if _compiled_chunk_terms is None:
-        _compiled_chunk_terms = torch.compile(_chunk_terms, dynamic=True)
-    return _compiled_chunk_terms
+@functools.cache
+def _compiled_chunk_terms():
+    return torch.compile(_chunk_terms, dynamic=True)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -63,7 +58,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if want_h else None  # [N, D]
         grad_weight = torch.zeros_like(weight) if want_w else None  # [V, D]
         total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-        terms = _chunk_terms_fn(compiled)
+        terms = _compiled_chunk_terms() if compiled else _chunk_terms
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
             logits = h @ weight.t()  # [C, V]
