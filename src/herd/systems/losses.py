@@ -103,7 +103,18 @@ def chunked_cross_entropy(
         # Rows without a target (prompts, padding: most of a fine-tuning batch) get no
         # logits at all. Costs one host sync; fully labelled pre-training batches skip it.
         hidden, labels = hidden[valid], labels[valid]  # [N', D], [N']
-    loss = _ChunkedLinearCrossEntropy.apply(
+    return chunked_linear_cross_entropy(hidden, weight, labels, chunk_size, compiled), n_tokens
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,  # [N, D]
+    weight: torch.Tensor,  # [V, D]
+    labels: torch.Tensor,  # [N]
+    chunk_size: int = 1024,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """The mean over labelled tokens, every row computed (no host sync: what herd-plan runs
+    on fake tensors, whose labels cannot be read)."""
+    return _ChunkedLinearCrossEntropy.apply(
         hidden, weight, labels, chunk_size, torch.is_grad_enabled(), compiled
     )
-    return loss, n_tokens
