@@ -29,13 +29,17 @@ from omegaconf import open_dict
 from herd.systems.common import build_optimization
 from herd.train import compose_config, train
 
-REFERENCE = [
+# the reference decoder of benchmarks/README.md (also planned by plan_check.py)
+REFERENCE_MODEL = [
     "model.llama.dim=512",
     "model.llama.n_layers=8",
     "model.llama.n_heads=8",
     "model.llama.n_kv_heads=2",
     "model.llama.ffn_dim=1536",
     "model.llama.vocab_size=32000",
+]
+REFERENCE = [
+    *REFERENCE_MODEL,
     "context.seq_len=1024",
     "data.batch_size=4",
     "trainer.limit_val_batches=0",

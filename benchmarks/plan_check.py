@@ -21,16 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from framework import REFERENCE_MODEL as REFERENCE  # benchmarks/framework.py
+
 GB = 1e9
-# the reference configuration of benchmarks/ (dim 512, 8 layers, vocabulary 32000)
-REFERENCE = [
-    "model.llama.dim=512",
-    "model.llama.n_layers=8",
-    "model.llama.n_heads=8",
-    "model.llama.n_kv_heads=2",
-    "model.llama.ffn_dim=1536",
-    "model.llama.vocab_size=32000",
-]
 CASES = {
     "small, 8 x 512 (herd-train's default)": [],
     "reference, 4 x 1024, none": [

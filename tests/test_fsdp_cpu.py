@@ -24,10 +24,10 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from herd.models.llama import DecoderLayer, Llama, LlamaConfig
+from herd.models.llama import DecoderLayer, Llama, LlamaConfig, rope_inverse_frequencies
 from herd.systems.losses import chunked_cross_entropy
 from herd.systems.techniques import apply_training_techniques
 
@@ -77,16 +77,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: torch.T
     return loss.detach()
 
 
-def sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A freshly built model wrapped like herd.utils.strategies.fsdp (through Lightning's
-    FSDPStrategy: FSDP1, use_orig_params) and its optimizer over the local shards."""
-    model = FullyShardedDataParallel(
-        Root(seed),
+def wrap(model: nn.Module, mixed_precision: MixedPrecision | None = None) -> nn.Module:
+    """Wrapped like herd.utils.strategies.fsdp (through Lightning's FSDPStrategy: FSDP1,
+    use_orig_params, one unit per DecoderLayer)."""
+    return FullyShardedDataParallel(
+        model,
         auto_wrap_policy=ModuleWrapPolicy({DecoderLayer}),
         sharding_strategy=ShardingStrategy.FULL_SHARD,
         use_orig_params=True,
         device_id=torch.device("cpu"),
+        mixed_precision=mixed_precision,
     )
+
+
+def sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A freshly built, wrapped model and its optimizer over the local shards."""
+    model = wrap(Root(seed))
     return model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=ADAM_EPS)
 
 
@@ -129,6 +135,14 @@ def worker(rank: int, port: int, out: Path) -> None:
         )
         train_step(resumed, resumed_optimizer, second)
         resumed_after_step2 = full_state(resumed)
+
+        # Lightning's precision=bf16_true under FSDP: MixedPrecision casts every buffer to
+        # bf16 in place, which must not reach the RoPE frequencies.
+        bf16 = MixedPrecision(torch.bfloat16, torch.bfloat16, torch.bfloat16)
+        mixed = wrap(Root(seed=0), bf16)
+        with torch.no_grad():
+            mixed(first[:, :-1])
+        rope_under_bf16 = mixed.module.model.rope.inv_freq
         if rank == 0:
             torch.save(
                 {
@@ -137,6 +151,7 @@ def worker(rank: int, port: int, out: Path) -> None:
                     "resumed_after_step2": resumed_after_step2,
                     "tokens": first[:, :-1],
                     "logits": logits,
+                    "rope_under_bf16": rope_under_bf16,
                 },
                 out / "rank0.pt",
             )
@@ -174,6 +189,13 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_gathers_like_one_process(t
     assert resumed.keys() == after_step2.keys()
     for name, value in after_step2.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+    # RoPE runs on the fp32 frequencies under bf16 MixedPrecision (a bf16 frequency is off
+    # by radians at position 8000).
+    cfg = LlamaConfig.from_flavor("tiny")
+    expected = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    assert sharded_run["rope_under_bf16"].dtype == torch.float32
+    assert torch.equal(sharded_run["rope_under_bf16"], expected)
 
     # The gathered weights in a plain, unwrapped Llama give the sharded model's logits.
     plain = Llama(LlamaConfig.from_flavor("tiny")).eval()

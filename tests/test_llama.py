@@ -266,8 +266,8 @@ def test_flex_attention_path_matches_the_sdpa_path():
 def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
     model = Llama(tiny()).to(torch.bfloat16)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
-    assert model.inv_freq.dtype == torch.float32
-    assert torch.equal(model.inv_freq, rope_inverse_frequencies(16, 500000.0, None))
+    assert model.rope.inv_freq.dtype == torch.float32
+    assert torch.equal(model.rope.inv_freq, rope_inverse_frequencies(16, 500000.0, None))
 
 
 def test_fused_projections_compute_the_separate_ones_and_leave_lora_its_own_forward():

@@ -68,7 +68,7 @@ def test_logits_match_transformers_including_positions_past_the_original_context
 def test_inverse_frequencies_are_bit_identical_to_transformers(tmp_path):
     reference, path = hf_model(tmp_path, scaled=True)
     model = load_pretrained_llama(path)
-    assert torch.equal(model.inv_freq, reference.model.rotary_emb.inv_freq.float())
+    assert torch.equal(model.rope.inv_freq, reference.model.rotary_emb.inv_freq.float())
 
 
 def test_greedy_generation_with_kv_cache_matches_transformers(tmp_path):

@@ -291,6 +291,33 @@ def rope_cos_sin(
     return angles.cos(), angles.sin()
 
 
+class RotaryFrequencies(nn.Module):
+    """positions [B, T] -> RoPE cos, sin [B, T, Hd], from fp32 inverse frequencies.
+
+    The frequencies are a plain attribute, not a buffer: module-wide casts (precision=bf16_true,
+    FSDP's MixedPrecision buffer_dtype) would round them to bf16, which puts position 8000 off
+    by radians. Device moves still apply."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None):
+        super().__init__()
+        self.reset(head_dim, theta, scaling)
+
+    def reset(self, head_dim: int, theta: float, scaling: RopeScaling | None, device=None) -> None:
+        self.settings = (head_dim, theta, scaling)
+        self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling).to(device)  # [Hd/2]
+
+    def _apply(self, fn, recurse=True):
+        # Follow the device of whatever fn produces, never its dtype.
+        device = fn(torch.empty(0, device=self.inv_freq.device)).device
+        self.reset(*self.settings, device=device)
+        return self
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:  # moved by a wrapper that bypassed _apply
+            self.inv_freq = self.inv_freq.to(positions.device)
+        return rope_cos_sin(positions, self.inv_freq)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, heads, T, Hd] rotated by position; cos/sin [B, T, Hd]."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [B, 1, T, Hd]
@@ -490,12 +517,9 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Recomputed on the fly from positions, so per-document positions cost nothing extra.
-        self.register_buffer(
-            "inv_freq",
-            rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-            persistent=False,
-        )
+        # cos/sin are recomputed on the fly from positions, so per-document positions cost
+        # nothing extra.
+        self.rope = RotaryFrequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -518,14 +542,9 @@ class Llama(nn.Module):
         """Recompute the fp32 RoPE frequencies from self.config, on the weights' device.
         Call after changing the config's RoPE settings."""
         cfg = self.config
-        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.inv_freq = inv_freq.to(self.embed_tokens.weight.device)
-
-    def _apply(self, fn, recurse=True):
-        # Module-wide casts (precision=bf16_true) must not round the RoPE frequencies.
-        super()._apply(fn, recurse)
-        self.reset_rope()
-        return self
+        self.rope.reset(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.embed_tokens.weight.device
+        )
 
     # -- caching ---------------------------------------------------------------------------
 
@@ -588,7 +607,7 @@ class Llama(nn.Module):
         else:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
             mask = None  # plain causal: SDPA's is_causal path
-        cos, sin = rope_cos_sin(positions, self.inv_freq)  # [B, T, Hd] each
+        cos, sin = self.rope(positions)  # [B, T, Hd] each
 
         x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         before_layers = before_layers or {}
@@ -679,6 +698,7 @@ __all__ = [
     "document_positions",
     "generate",
     "rope_cos_sin",
+    "RotaryFrequencies",
     "rope_inverse_frequencies",
     "sample_next_token",
 ]

@@ -335,7 +335,7 @@ def _assign(
     assign_weights(model, state, source, dtype, optional=tied)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    # non-persistent buffer, still on meta: compute it for real
+    # the fp32 RoPE frequencies, still on meta: compute them for real
     model.reset_rope()
     return model
 

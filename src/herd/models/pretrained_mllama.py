@@ -148,7 +148,7 @@ def load_pretrained_mllama(path: str | Path, dtype: torch.dtype | None = None) -
     with torch.device("meta"):
         model = MllamaModel(cfg)
     assign_weights(model, state, path, dtype)
-    model.decoder.reset_rope()  # a non-persistent buffer, still on meta
+    model.decoder.reset_rope()  # the fp32 RoPE frequencies, still on meta
     return model
 
 

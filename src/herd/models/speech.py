@@ -32,7 +32,7 @@ import torchaudio
 from torch import nn
 
 from herd.errors import ConfigError
-from herd.models.llama import apply_rope, rope_cos_sin, rope_inverse_frequencies
+from herd.models.llama import RotaryFrequencies, apply_rope
 
 # ----------------------------------------------------------------------------- config
 
@@ -273,18 +273,14 @@ class RotaryEncoderLayer(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.register_buffer(
-            "inv_freq",
-            rope_inverse_frequencies(self.head_dim, cfg.rope_theta, None),
-            persistent=False,
-        )
+        self.rope = RotaryFrequencies(self.head_dim, cfg.rope_theta)
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).split(D, dim=-1)  # each [B, T, D]
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         positions = torch.arange(T, device=x.device).expand(B, T)  # [B, T]
-        cos, sin = rope_cos_sin(positions, self.inv_freq)  # [B, T, Hd]
+        cos, sin = self.rope(positions)  # [B, T, Hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, Hd]
         mask = real[:, None, None, :]  # [B, 1, 1, T]: no query attends to a padded key
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, Hd]
