@@ -20,7 +20,6 @@ from herd.models.llama import (
     document_causal_mask,
     document_lengths,
     document_positions,
-    fused_linear,
     generate,
     rope_cos_sin,
     rope_inverse_frequencies,
@@ -268,34 +267,3 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.rope.inv_freq.dtype == torch.float32
     assert torch.equal(model.rope.inv_freq, rope_inverse_frequencies(16, 500000.0, None))
-
-
-def test_fused_projections_compute_the_separate_ones_and_leave_lora_its_own_forward():
-    """q/k/v and gate/up run as one matmul over concatenated weights; the parameters, their
-    names and gradients stay those of the separate projections, and a LoRA-wrapped
-    projection is computed by its own forward."""
-    from herd.models.lora import add_lora
-
-    torch.manual_seed(0)
-    layer = Llama(LlamaConfig.from_flavor("tiny")).layers[0]
-    x = torch.randn(2, 5, 64)  # [B, T, D]
-    projections = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-    fused = fused_linear(x, projections)
-    assert [t.shape[-1] for t in fused] == [64, 32, 32]
-    for out, p in zip(fused, projections, strict=True):
-        torch.testing.assert_close(out, p(x))
-    # gradients reach each separate weight as if it had been applied alone
-    sum(
-        t.square().sum() for t in fused_linear(x, (layer.mlp.gate_proj, layer.mlp.up_proj))
-    ).backward()
-    expected = torch.autograd.grad(layer.mlp.up_proj(x).square().sum(), layer.mlp.up_proj.weight)[0]
-    torch.testing.assert_close(layer.mlp.up_proj.weight.grad, expected)
-    assert "self_attn.q_proj.weight" in dict(layer.named_parameters())
-
-    add_lora(layer, rank=2, targets=("q_proj",))
-    torch.nn.init.normal_(layer.self_attn.q_proj.lora_b)  # a LoRA that changes the output
-    q, k, _ = fused_linear(
-        x, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-    )
-    torch.testing.assert_close(q, layer.self_attn.q_proj(x))
-    assert not torch.allclose(q, F.linear(x, layer.self_attn.q_proj.weight))

@@ -388,17 +388,6 @@ def _compiled_flex_attention():
 # ----------------------------------------------------------------------------- layers
 
 
-def fused_linear(x: torch.Tensor, projections: tuple[nn.Module, ...]) -> list[torch.Tensor]:
-    """[p(x) for p in projections] as one matmul over the concatenated weights when they are
-    all plain bias-free Linears (x read once; one larger GEMM instead of several small ones).
-    The weights stay separate parameters, so names, checkpoints and parity are unchanged; a
-    wrapped projection (LoRA) keeps its own forward."""
-    if not all(type(p) is nn.Linear and p.bias is None for p in projections):
-        return [p(x) for p in projections]
-    weight = torch.cat([p.weight for p in projections])  # [sum of outputs, in]
-    return list(F.linear(x, weight).split([p.out_features for p in projections], dim=-1))
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -456,10 +445,13 @@ class Attention(nn.Module):
         cache_start: int | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H*Hd], ...
-        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Hd]
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Hd]
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Hd]
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # [B, K, T, Hd]
+        v = (
+            self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # [B, K, T, Hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)  # [B, K, S, Hd]
@@ -487,8 +479,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        gate, up = fused_linear(x, (self.gate_proj, self.up_proj))  # [B, T, F] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
