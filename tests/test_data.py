@@ -270,3 +270,24 @@ def test_training_passkey_prompts_can_be_shorter_than_the_test_ones():
     assert all(REPEATED_FILLER not in ex.prompt for ex in train)
     assert any(ex.prompt.count(REPEATED_FILLER) >= 4 for ex in test)
     assert [ex.prompt for ex in test] == [ex.prompt for ex in passkey_examples(200, 42 + 2)]
+
+
+def test_passkey_answers_repeat_the_documents_key_tokens():
+    """The answer's key is the same token run as the key in the prompt (the bundled BPE
+    tokenizes a bare "12345" as "1234" "5" but " 12345" as " 1" "2" "34" "5"), so the answer
+    can be copied from the document; the key itself is still what is scored."""
+    from herd.data.chat import encode_example
+    from herd.data.digits_tasks import passkey_examples
+
+    tokenizer = load_tokenizer("herd_bpe")
+    for example in passkey_examples(50, seed=3):
+        key = re.search(r"is (\d{5})\.", example.prompt).group(1)
+        assert example.answer == f"The pass key is {key}."
+        encoded = encode_example(example, tokenizer)
+        ids, split = encoded["input_ids"], encoded["prompt_len"]
+        key_ids = tokenizer.encode(f" {key}")
+        assert _contains(ids[:split], key_ids) and _contains(ids[split:], key_ids)
+
+
+def _contains(ids: list[int], run: list[int]) -> bool:
+    return any(ids[i : i + len(run)] == run for i in range(len(ids)))

@@ -4,7 +4,7 @@
   asr     spoken phrase -> English transcript               (metric: wer)
   st      spoken phrase -> German translation               (metric: bleu_st)
   mt      English number phrase -> German                   (metric: bleu_mt)
-  passkey a five-digit key hidden in filler -> the key      (metric: passkey_acc)
+  passkey a five-digit key hidden in filler -> "The pass key is <key>."  (metric: passkey_acc)
 
 Each generator draws one split only, by the split rules of the stage that owns the data
 (the vision stage's image split, the speech corpus's voices, the phrases' hash split), so no
@@ -21,7 +21,7 @@ from herd.data.audio import read_audio
 from herd.data.chat import Example
 from herd.data.images import digits_images, digits_split
 from herd.data.numbers import TRANSLATE_PROMPT, number_to_english, phrases_of_split
-from herd.data.passkey import NEEDLE, REPEATED_FILLER
+from herd.data.passkey import CHAT_ANSWER, NEEDLE, REPEATED_FILLER
 from herd.data.tokenizer import IMAGE, SPEECH
 from herd.errors import DataError
 
@@ -63,7 +63,8 @@ def passkey_examples(
         key = f"{rng.randrange(10_000, 100_000)}"
         before, after = rng.randrange(max_filler_repeats), rng.randrange(max_filler_repeats)
         text = REPEATED_FILLER * before + NEEDLE.format(key=key) + REPEATED_FILLER * after
-        out.append(Example("passkey", PROMPTS["passkey"].format(text=text), key))
+        answer = CHAT_ANSWER.format(key=key)
+        out.append(Example("passkey", PROMPTS["passkey"].format(text=text), answer))
     return out
 
 

@@ -16,6 +16,11 @@ from herd.data.tokenizer import Tokenizer
 REPEATED_FILLER = "The grass is green. The sky is blue. The sun is bright. Here we go again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
+# A chat answer (fusion and review tasks) repeats the needle's words around the key. The
+# bundled BPE merges a leading space into the first digit and splits digits by what precedes
+# them ("12345" alone is "1234" "5"; after a space " 1" "2" "34" "5"), so a bare key's tokens
+# are not the document's and the answer could not be copied from it token for token.
+CHAT_ANSWER = "The pass key is {key}."
 
 
 @dataclass

@@ -9,7 +9,7 @@ evidence can sit anywhere in it:
     figure     "which digit does figure k show?"        -> the digit word   (top1)
     transcribe "transcribe recording r."                 -> its transcript   (wer)
     translate  "translate passage p into german."        -> the German       (bleu)
-    passkey    "what is the pass key?"                   -> the five digits  (passkey_acc)
+    passkey    "what is the pass key?"                   -> "The pass key is <key>."  (passkey_acc)
 
 Every answer records `evidence_distance`: the tokens from the start of the segment holding
 its evidence to the end of the prompt. Documents are drawn with lengths log-uniform in
@@ -45,7 +45,7 @@ from herd.data.corpus import pydoc_documents, split_documents
 from herd.data.digits_tasks import speech_examples
 from herd.data.images import DIGITS_SPLIT_SEED, digits_images, digits_split
 from herd.data.numbers import PASSAGE, PASSAGE_QUESTION, number_to_english, phrases_of_split
-from herd.data.passkey import NEEDLE
+from herd.data.passkey import CHAT_ANSWER, NEEDLE
 from herd.data.sampling import length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
 from herd.data.tokenizer import IMAGE, SPEECH, Tokenizer
@@ -200,7 +200,7 @@ class DocumentMaker:
             )
         if seg.kind == "passage":
             return PASSAGE_QUESTION.format(number=number), src.passages[seg.item][1]
-        return "what is the pass key?", str(seg.item)
+        return "what is the pass key?", CHAT_ANSWER.format(key=seg.item)
 
     def make(
         self, rng: random.Random, task: str | None = None, all_questions: bool = False
