@@ -1,0 +1,95 @@
+"""The video adapter's temporal aggregator: shapes, padding masks, time order, placement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from herd.errors import ConfigError
+from herd.models.video import (
+    TemporalAggregator,
+    TemporalAggregatorConfig,
+    video_cross_attention_layer_ids,
+)
+from herd.models.vision import GatedCrossAttention, cross_attention_layer_ids
+
+
+def aggregator(**overrides) -> TemporalAggregator:
+    torch.manual_seed(0)
+    cfg = {"dim": 32, "frames_per_group": 4, "n_latents": 3, "n_layers": 2, "n_heads": 4}
+    return TemporalAggregator(TemporalAggregatorConfig(**{**cfg, **overrides})).eval()
+
+
+@pytest.mark.parametrize(("frames", "group", "groups"), [(8, 4, 2), (10, 4, 3), (6, 1, 6)])
+def test_groups_of_consecutive_frames_become_latent_tokens(frames, group, groups):
+    model = aggregator(frames_per_group=group)
+    tokens, group_mask = model(torch.randn(2, frames, 5, 32))  # [B, F, N, D]
+    assert tokens.shape == (2, groups, 3, 32)  # [B, S, L, D]
+    assert group_mask.shape == (2, groups) and group_mask.all()
+    assert torch.isfinite(tokens).all()
+
+
+def test_padding_frames_change_nothing_and_empty_groups_are_masked():
+    model = aggregator()
+    frames = torch.randn(2, 12, 5, 32)
+    frame_mask = torch.ones(2, 12, dtype=torch.bool)
+    frame_mask[1, 6:] = False  # sample 1 is a 6-frame clip, padded to 12
+    with torch.no_grad():
+        tokens, group_mask = model(frames, frame_mask)
+        noise = frames.clone()
+        noise[1, 6:] = torch.randn(6, 5, 32) * 100
+        noisy, _ = model(noise, frame_mask)
+        alone, _ = model(frames[1:, :6])  # the clip by itself
+    assert group_mask.tolist() == [[True, True, True], [True, True, False]]
+    torch.testing.assert_close(noisy, tokens)
+    torch.testing.assert_close(tokens[1, :2], alone[0], atol=1e-5, rtol=1e-5)
+    # the same clip in another batch row and beside other clips: the same tokens
+    torch.testing.assert_close(tokens[0], model(frames[:1])[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_frame_order_within_a_group_is_seen_through_the_frame_embeddings():
+    """Attention over a group is blind to order; the frame-index embeddings are what tell
+    the frames apart (at initialisation they are small, so the difference is too)."""
+    model = aggregator()
+    frames = torch.randn(1, 4, 5, 32)
+    with torch.no_grad():
+        forward, backward = model(frames)[0], model(frames.flip(1))[0]
+        assert (forward - backward).abs().max() > 0
+        model.frame_embed.zero_()
+        torch.testing.assert_close(model(frames)[0], model(frames.flip(1))[0])
+
+
+def test_gradients_reach_latents_frame_embeddings_and_frames():
+    model = aggregator().train()
+    frames = torch.randn(2, 8, 5, 32, requires_grad=True)
+    tokens, _ = model(frames)
+    tokens.square().mean().backward()
+    for p in (model.latents, model.frame_embed, frames):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_video_tokens_pass_through_a_gated_cross_attention_that_starts_closed():
+    model = aggregator()
+    tokens, group_mask = model(torch.randn(2, 8, 5, 32))
+    media = tokens.flatten(1, 2)  # [B, S*L, D]
+    media_mask = group_mask.repeat_interleave(3, dim=1)  # [B, S*L]
+    layer = GatedCrossAttention(32, 4, 2, 64)
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(layer(x, media, media_mask), x)  # gates at 0
+
+
+def test_video_layers_sit_before_every_kth_image_cross_attention_layer():
+    image_layers = cross_attention_layer_ids(32, 4)  # 3, 7, ..., 31
+    assert video_cross_attention_layer_ids(image_layers, 4) == [15, 31]
+    assert video_cross_attention_layer_ids([1, 3], 1) == [1, 3]
+    with pytest.raises(ConfigError, match="picks none"):
+        video_cross_attention_layer_ids([1, 3], 4)
+
+
+def test_bad_settings_and_too_long_clips_are_named():
+    with pytest.raises(ConfigError, match="n_heads"):
+        TemporalAggregatorConfig(dim=30, n_heads=4)
+    with pytest.raises(ConfigError, match="frames_per_group must be positive"):
+        TemporalAggregatorConfig(dim=32, frames_per_group=0)
+    with pytest.raises(ValueError, match="longer than the aggregator's max_frames=8"):
+        aggregator(max_frames=8)(torch.randn(1, 9, 5, 32))
