@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -93,3 +95,37 @@ def test_bad_settings_and_too_long_clips_are_named():
         TemporalAggregatorConfig(dim=32, frames_per_group=0)
     with pytest.raises(ValueError, match="longer than the aggregator's max_frames=8"):
         aggregator(max_frames=8)(torch.randn(1, 9, 5, 32))
+
+
+def test_digit_clips_are_deterministic_stories_of_split_images():
+    from herd.data.images import digits_images, digits_split
+    from herd.data.video_digits import MAX_FRAMES, VIDEO_TASKS, digit_clips
+
+    clips = digit_clips(40, "test", seed=3, split_seed=42)
+    again = digit_clips(40, "test", seed=3, split_seed=42)
+    assert all(
+        torch.equal(a.frames, b.frames) and a.digits == b.digits
+        for a, b in zip(clips, again, strict=True)
+    )
+    assert [c.digits for c in digit_clips(40, "test", seed=4, split_seed=42)] != [
+        c.digits for c in clips
+    ]
+    images, labels, _ = digits_images(32, 1)
+    test_images = images[torch.as_tensor(digits_split(labels, "test", 42))]
+    train_images = images[torch.as_tensor(digits_split(labels, "train", 42))]
+    for clip in clips:
+        assert 8 <= clip.frames.shape[0] <= MAX_FRAMES and 2 <= len(clip.digits) <= 5
+        assert clip.frames.shape[1:] == (1, 32, 32) and clip.frames.dtype == torch.uint8
+    # an unshifted show frame is a test image, never a training one
+    centred = [f for c in clips for f in c.frames if any(torch.equal(f, t) for t in test_images)]
+    assert centred and not any(torch.equal(f, t) for f in centred[:20] for t in train_images)
+
+    rng = random.Random(0)
+    clip = clips[0]
+    words = " ".join(
+        ["zero one two three four five six seven eight nine".split()[d] for d in clip.digits]
+    )
+    assert clip.question("sequence", rng) == ("which digits are shown, in order?", words)
+    for task in VIDEO_TASKS:
+        question, answer = clip.question(task, rng)
+        assert question.endswith("?") and answer
