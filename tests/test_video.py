@@ -99,7 +99,7 @@ def test_bad_settings_and_too_long_clips_are_named():
 
 def test_digit_clips_are_deterministic_stories_of_split_images():
     from herd.data.images import digits_images, digits_split
-    from herd.data.video_digits import MAX_FRAMES, VIDEO_TASKS, digit_clips
+    from herd.data.video_digits import MAX_FRAMES, QUESTIONS, digit_clips
 
     clips = digit_clips(40, "test", seed=3, split_seed=42)
     again = digit_clips(40, "test", seed=3, split_seed=42)
@@ -126,6 +126,140 @@ def test_digit_clips_are_deterministic_stories_of_split_images():
         ["zero one two three four five six seven eight nine".split()[d] for d in clip.digits]
     )
     assert clip.question("sequence", rng) == ("which digits are shown, in order?", words)
-    for task in VIDEO_TASKS:
+    for task in QUESTIONS:
         question, answer = clip.question(task, rng)
         assert question.endswith("?") and answer
+
+
+# ----------------------------------------------------------------------------- in the fusion model
+
+
+def video_fusion():
+    """test_fusion's tiny model (bytes tokenizer, cross-attention before every layer) with a
+    video adapter: 2-frame groups of 3 latents, a video layer before every image layer."""
+    from herd.data.tokenizer import load_tokenizer
+    from herd.models.fusion import build_fusion_model
+    from herd.models.llama import Llama, LlamaConfig
+    from herd.models.vision import ImageEncoder, ImageEncoderConfig
+
+    special = load_tokenizer("bytes").special_ids
+    torch.manual_seed(0)
+    decoder = Llama(LlamaConfig.from_flavor("tiny", vocab_size=len(special) + 256))
+    encoder = ImageEncoder(
+        ImageEncoderConfig(
+            img_size=16,
+            patch_size=4,
+            feature_layers=(0,),
+            lm_dim=64,
+            backbone_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2},
+        )
+    )
+    model = build_fusion_model(
+        decoder,
+        special["<|image|>"],
+        special["<|speech|>"],
+        encoder,
+        cross_attention_every=1,
+        video_token_id=special["<|video|>"],
+        video={"frames_per_group": 2, "n_latents": 3, "n_layers": 1, "n_heads": 4, "every": 1},
+    ).eval()
+    return model, special["<|video|>"]
+
+
+def open_all_gates(model, value=1.0):
+    for module in model.modules():
+        if type(module).__name__ == "TanhGate":
+            torch.nn.init.constant_(module.gate, value)
+
+
+def test_zero_gates_and_no_video_leave_the_fusion_model_unchanged():
+    model, video = video_fusion()
+    tokens = torch.tensor([[40, video, 41, 42, 43]])
+    clip = torch.rand(1, 1, 5, 1, 16, 16)  # [B, V, F, C, H, W]
+    with torch.no_grad():
+        alone = model.decoder(tokens)
+        torch.testing.assert_close(model(tokens, videos=clip), alone)  # gates at 0
+        open_all_gates(model)
+        text = torch.tensor([[40, 41, 42, 43]])
+        torch.testing.assert_close(model(text), model.decoder(text))  # no video: no change
+        assert not torch.allclose(model(tokens, videos=clip), alone)  # open: it sees the clip
+
+
+def test_text_sees_the_video_after_its_placeholder_and_padding_frames_change_nothing():
+    model, video = video_fusion()
+    open_all_gates(model)
+    tokens = torch.tensor([[40, 41, video, 42, 43], [40, 41, video, 42, 43]])
+    clips = torch.rand(2, 1, 6, 1, 16, 16)
+    frame_mask = torch.ones(2, 1, 6, dtype=torch.bool)
+    frame_mask[1, 0, 3:] = False  # the second clip is 3 frames long
+    noisy = clips.clone()
+    noisy[1, 0, 3:] = torch.rand(3, 1, 16, 16)
+    other = clips.clone()
+    other[0] = torch.rand(1, 6, 1, 16, 16)
+    with torch.no_grad():
+        out = model(tokens, videos=clips, frame_mask=frame_mask)
+        torch.testing.assert_close(model(tokens, videos=noisy, frame_mask=frame_mask), out)
+        short = model(tokens[1:], videos=clips[1:, :, :3])
+        torch.testing.assert_close(out[1], short[0], atol=1e-5, rtol=1e-5)
+        changed = model(tokens, videos=other, frame_mask=frame_mask)
+    torch.testing.assert_close(changed[0, :2], out[0, :2])  # before the placeholder
+    assert not torch.allclose(changed[0, 2:], out[0, 2:])  # from it on
+    with pytest.raises(ValueError, match=r"<\|video\|> placeholders per sample \[1, 1\] != videos"):
+        model(tokens, videos=torch.rand(2, 2, 2, 1, 16, 16))
+
+
+def test_generation_with_a_video_equals_recomputing_the_whole_sequence():
+    model, video = video_fusion()
+    open_all_gates(model)
+    prompt = torch.tensor([[40, video, 41, 42]])
+    clip = torch.rand(1, 1, 4, 1, 16, 16)
+    out = model.generate(prompt, 4, videos=clip)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            nxt = model(tokens, videos=clip)[:, -1].argmax(-1)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+    assert out == tokens[0, prompt.shape[1] :].tolist()
+
+
+TINY_VIDEO = [
+    "experiment=video_digits",
+    "model.language.llama.flavor=tiny",
+    "++model.vision.encoder={patch_size: 8, feature_layers: [0],"
+    " backbone_kwargs: {embed_dim: 32, depth: 2, num_heads: 2}}",
+    "model.video={frames_per_group: 4, n_latents: 4, n_layers: 1, n_heads: 2, every: 1}",
+    "model.max_new_tokens=12",
+    "data.train_size=200",
+    "data.video_train=60",
+    "data.val_per_task=2",
+    "data.test_per_task=3",
+    "data.batch_size=4",
+    "trainer.max_steps=12",
+    "model.scheduler.warmup_steps=2",
+    "trainer.val_check_interval=6",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.model_summary=null",
+]
+
+
+@pytest.mark.slow
+def test_a_short_real_video_run_writes_every_metric_and_reopens(tmp_path):
+    import json
+    from pathlib import Path
+
+    from herd.systems.common import load_system
+    from herd.train import train
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg("train", TINY_VIDEO, tmp_path / "run")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    saved = json.loads((run / "metrics.json").read_text())
+    for name in ("wer_video", "count_acc", "first_acc", "loss"):
+        assert f"test/{name}" in saved, name
+    for name in ("wer_video", "count_acc", "first_acc"):  # the trivial baselines beside them
+        assert any(k.startswith(f"test/{name}") and k != f"test/{name}" for k in saved), name
+    system = load_system(run / "checkpoints" / "last.ckpt")
+    assert system.model.video_aggregator is not None and system.model.speech_encoder is None

@@ -14,13 +14,14 @@ embeddings replace the placeholders'). The loss is on the assistant's messages a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from herd.data.packing import IGNORE_INDEX
-from herd.data.tokenizer import IMAGE, SPEECH, Tokenizer
+from herd.data.tokenizer import IMAGE, SPEECH, VIDEO, Tokenizer
 
 
 @dataclass
@@ -30,12 +31,15 @@ class Example:
     answer: str
     images: tuple[torch.Tensor, ...] = ()  # [C, H, W] each, as the image encoder expects
     audio: tuple[torch.Tensor, ...] = ()  # [S] each, 16 kHz mono waveforms
+    videos: tuple[torch.Tensor, ...] = ()  # [F, C, H, W] each, frames as images are
     # earlier messages of a conversation, (role, text with markers), before `prompt`; the
     # media of all of them are in `images` / `audio`, in order
     history: tuple[tuple[str, str], ...] = ()
 
 
 # ----------------------------------------------------------------------------- encoding
+
+MEDIA_MARKERS = f"({re.escape(IMAGE)}|{re.escape(VIDEO)})"  # re.split keeps the markers
 
 
 def prompt_ids(
@@ -45,9 +49,9 @@ def prompt_ids(
     speech_tokens: Callable[[int], int] | None = None,
     task: str = "sample",
 ) -> list[int]:
-    """A prompt with IMAGE / SPEECH markers -> token ids: one `<|image|>` per IMAGE, and the
-    k-th SPEECH becomes `speech_tokens(clip_samples[k])` placeholders (one per speech-adapter
-    output)."""
+    """A prompt with IMAGE / VIDEO / SPEECH markers -> token ids: one `<|image|>` per IMAGE,
+    one `<|video|>` per VIDEO, and the k-th SPEECH becomes `speech_tokens(clip_samples[k])`
+    placeholders (one per speech-adapter output)."""
     special = tokenizer.special_ids
     pieces = prompt.split(SPEECH)
     if len(pieces) - 1 != len(clip_samples):
@@ -61,10 +65,11 @@ def prompt_ids(
     for i, piece in enumerate(pieces):
         if i > 0:
             ids += [special[SPEECH]] * speech_tokens(clip_samples[i - 1])
-        for j, text in enumerate(piece.split(IMAGE)):
-            if j > 0:
-                ids.append(special[IMAGE])
-            ids += tokenizer.encode(text) if text else []
+        for text in re.split(MEDIA_MARKERS, piece):
+            if text in (IMAGE, VIDEO):
+                ids.append(special[text])
+            elif text:
+                ids += tokenizer.encode(text)
     return ids
 
 
@@ -143,8 +148,9 @@ def encode_example(
 
 def collate(samples: list[dict], pad_id: int) -> dict:
     """Right-pad text (pad_id / IGNORE_INDEX); stack each sample's images into [B, I, C, H, W]
-    with image_mask [B, I] and its clips into audio [B, K, S] with audio_lengths [B, K]
-    (zeros and 0 where a sample has fewer)."""
+    with image_mask [B, I], its clips into audio [B, K, S] with audio_lengths [B, K], and its
+    videos into [B, V, F, C, H, W] with frame_mask [B, V, F] (zeros and False / 0 where a
+    sample has fewer)."""
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -159,7 +165,7 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         "answer": [s["answer"] for s in samples],
     }
     extra = {k for s in samples for k in s} - {"input_ids", "labels", "prompt_len", "images"}
-    for key in sorted(extra - {"task", "answer", "audio"}):  # e.g. evidence_distance
+    for key in sorted(extra - {"task", "answer", "audio", "videos"}):  # e.g. evidence_distance
         batch[key] = [s.get(key) for s in samples]
     n_images = max(len(s["images"]) for s in samples)
     if n_images:
@@ -181,6 +187,16 @@ def collate(samples: list[dict], pad_id: int) -> dict:
             for k, clip in enumerate(s["audio"]):
                 audio[b, k, : lengths[b, k]] = clip
         batch["audio"], batch["audio_lengths"] = audio, lengths  # [B, K, S], [B, K]
+    n_videos = max((len(s.get("videos", ())) for s in samples), default=0)
+    if n_videos:
+        clips = [v for s in samples for v in s["videos"]]
+        n_frames, shape = max(v.shape[0] for v in clips), clips[0].shape[1:]
+        videos = torch.zeros(B, n_videos, n_frames, *shape)
+        frame_mask = torch.zeros(B, n_videos, n_frames, dtype=torch.bool)
+        for b, s in enumerate(samples):
+            for v, clip in enumerate(s["videos"]):
+                videos[b, v, : len(clip)], frame_mask[b, v, : len(clip)] = clip, True
+        batch["videos"], batch["frame_mask"] = videos, frame_mask  # [B, V, F, C, H, W], [B, V, F]
     return batch
 
 

@@ -6,6 +6,12 @@
   mt      English number phrase -> German                   (metric: bleu_mt)
   passkey a five-digit key hidden in filler -> "The pass key is <key>."  (metric: passkey_acc)
 
+and three video tasks on clips of digits (herd.data.video_digits), off unless weighted:
+
+  video_sequence  the digits shown, in order           (metric: wer_video)
+  video_count     how many times a digit is shown      (metric: count_acc, exact match)
+  video_first     the digit shown first, or last       (metric: first_acc, exact match)
+
 Each generator draws one split only, by the split rules of the stage that owns the data
 (the vision stage's image split, the speech corpus's voices, the phrases' hash split), so no
 task ever trains on another stage's held-out examples.
@@ -22,10 +28,12 @@ from herd.data.chat import Example
 from herd.data.images import digits_images, digits_split
 from herd.data.numbers import TRANSLATE_PROMPT, number_to_english, phrases_of_split
 from herd.data.passkey import CHAT_ANSWER, NEEDLE, REPEATED_FILLER
-from herd.data.tokenizer import IMAGE, SPEECH
+from herd.data.tokenizer import IMAGE, SPEECH, VIDEO
+from herd.data.video_digits import QUESTIONS, digit_clips
 from herd.errors import DataError
 
 TASKS = ("image", "asr", "st", "mt", "passkey")
+VIDEO_TASKS = tuple(f"video_{question}" for question in QUESTIONS)
 PASSKEY_FILLER_REPEATS = 4  # the validation and test prompts' (see passkey_examples)
 # What each task's answer is scored with (see herd.systems.fusion).
 TASK_METRIC = {
@@ -34,6 +42,9 @@ TASK_METRIC = {
     "st": "bleu_st",
     "mt": "bleu_mt",
     "passkey": "passkey_acc",
+    "video_sequence": "wer_video",
+    "video_count": "count_acc",
+    "video_first": "first_acc",
 }
 PROMPTS = {
     "image": f"{IMAGE}which digit is this?",
@@ -83,6 +94,27 @@ def image_examples(split: str, image_size: int, channels: int, seed: int) -> lis
         )
         for i in index
     ]
+
+
+def video_examples(
+    n: int,
+    split: str,
+    seed: int,
+    split_seed: int,
+    image_size: int,
+    channels: int,
+    tasks: tuple[str, ...],
+) -> dict[str, list[Example]]:
+    """`n` clips of the split's digits, each asked once per video task; frames scaled to
+    [-1, 1] as images are."""
+    out: dict[str, list[Example]] = {t: [] for t in tasks}
+    rng = random.Random(f"questions:{split}:{seed}")
+    for clip in digit_clips(n, split, seed, split_seed, image_size, channels):
+        frames = clip.frames / 127.5 - 1.0  # [F, C, S, S]
+        for task in tasks:
+            question, answer = clip.question(task.removeprefix("video_"), rng)
+            out[task].append(Example(task, f"{VIDEO}{question}", answer, videos=(frames,)))
+    return out
 
 
 def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[Example]:

@@ -18,11 +18,14 @@ from herd.data.chat_manifest import read_chat_manifests
 from herd.data.chat_module import ChatDataModule
 from herd.data.digits_tasks import (
     PASSKEY_FILLER_REPEATS,
+    TASK_METRIC,
     TASKS,
+    VIDEO_TASKS,
     image_examples,
     passkey_examples,
     speech_examples,
     translation_examples,
+    video_examples,
 )
 from herd.data.images import DIGITS_SPLIT_SEED
 from herd.data.sampling import draw_key, length_bucket_train_batches
@@ -67,6 +70,7 @@ class ExampleDataset(Dataset):
             "answer": ex.answer,
             "images": list(ex.images),
             "audio": list(ex.audio),
+            "videos": list(ex.videos),
         }
 
 
@@ -99,7 +103,9 @@ class FusionDataModule(ChatDataModule):
     `skip_bad_samples` skips and counts bad lines instead of stopping.
     `speed_perturb` lists speed factors drawn per training clip ([] or null: none).
     `passkey_filler_repeats` bounds the filler of training passkey prompts (shorter ones
-    are more copying examples per token; validation and test keep the default)."""
+    are more copying examples per token; validation and test keep the default).
+    `video_train` is the number of training clips of the video tasks (each clip is asked
+    once per weighted video task)."""
 
     def __init__(
         self,
@@ -111,6 +117,7 @@ class FusionDataModule(ChatDataModule):
         translation_phrases: int = 6000,
         passkey_train: int = 4000,
         passkey_filler_repeats: int = PASSKEY_FILLER_REPEATS,
+        video_train: int = 2000,
         speech_manifest: str | None = None,
         num_workers: int = 0,
         seed: int = 42,
@@ -130,10 +137,11 @@ class FusionDataModule(ChatDataModule):
         self.hparams.weights = {
             str(k): float(v) for k, v in (weights or dict.fromkeys(TASKS, 1.0)).items()
         }
-        unknown = set(self.hparams.weights) - set(TASKS)
+        unknown = set(self.hparams.weights) - set(TASKS + VIDEO_TASKS)
         if unknown:
             raise ConfigError(
-                f"data.weights names unknown tasks {sorted(unknown)}; tasks are {list(TASKS)}."
+                f"data.weights names unknown tasks {sorted(unknown)}; tasks are "
+                f"{list(TASKS + VIDEO_TASKS)}."
             )
         self.train_lengths: list[int] = []
 
@@ -141,7 +149,7 @@ class FusionDataModule(ChatDataModule):
     def tasks(self) -> tuple[str, ...]:
         if self.hparams.source == "manifest":
             return tuple(self.task_metric)
-        return tuple(t for t in TASKS if self.hparams.weights.get(t, 0) > 0)
+        return tuple(t for t in TASKS + VIDEO_TASKS if self.hparams.weights.get(t, 0) > 0)
 
     def build_datasets(self) -> None:
         hp = self.hparams
@@ -202,6 +210,7 @@ class FusionDataModule(ChatDataModule):
 
     def _examples(self, split: str) -> dict[str, list[Example]]:
         hp, tasks = self.hparams, self.tasks
+        seed = hp.seed + {"train": 0, "val": 1, "test": 2}[split]  # generated tasks' draws
         out: dict[str, list[Example]] = {}
         if "image" in tasks:
             out["image"] = image_examples(
@@ -219,8 +228,15 @@ class FusionDataModule(ChatDataModule):
             n, repeats = max(hp.val_per_task, hp.test_per_task), PASSKEY_FILLER_REPEATS
             if split == "train":
                 n, repeats = hp.passkey_train, hp.passkey_filler_repeats
-            seed = hp.seed + {"train": 0, "val": 1, "test": 2}[split]
             out["passkey"] = passkey_examples(n, seed, repeats)
+        filmed = tuple(t for t in VIDEO_TASKS if t in tasks)
+        if filmed:
+            n = hp.video_train if split == "train" else max(hp.val_per_task, hp.test_per_task)
+            out.update(
+                video_examples(
+                    n, split, seed, hp.split_seed, self.spec.image_size, self.spec.channels, filmed
+                )
+            )
         empty = [t for t in tasks if not out.get(t)]
         if empty:
             raise DataError(f"The {split} split has no examples for task(s) {empty}.")
@@ -238,9 +254,11 @@ class FusionDataModule(ChatDataModule):
 
     def reference_metrics(self) -> dict[str, float]:
         """Trivial baselines on the test split: always answering the most common training
-        answer of each task (top1, passkey; a manifest's exact/top1 tasks) and an empty
-        answer (WER 1)."""
+        answer of each task (exact-match tasks, and the video digit sequences' WER; a
+        manifest's exact/top1 tasks) and an empty answer (WER 1)."""
         from collections import Counter
+
+        from torchmetrics.functional.text import word_error_rate
 
         self.setup("fit")
         test = self.datasets["test"].examples
@@ -257,12 +275,15 @@ class FusionDataModule(ChatDataModule):
                     out[f"test/{name}_majority"] = hits
                 elif kind == "wer":
                     out[f"test/{name}_empty"] = 1.0
-            elif task == "image":
-                out["test/top1_majority"] = hits
-            elif task == "passkey":
-                out["test/passkey_acc_majority"] = hits
-            elif task == "asr":
-                out["test/wer_empty"] = 1.0
+                continue
+            metric = TASK_METRIC[task]
+            if metric.startswith("wer"):
+                out[f"test/{metric}_empty"] = 1.0
+                if task in VIDEO_TASKS:  # digit sequences: the most common one is a guess
+                    guess = [common[0][0]] * len(answers)
+                    out[f"test/{metric}_majority"] = float(word_error_rate(guess, answers))
+            elif not metric.startswith("bleu"):  # exact match (BLEU's empty answer scores 0)
+                out[f"test/{metric}_majority"] = hits
         return out
 
 

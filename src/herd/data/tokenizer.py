@@ -21,13 +21,19 @@ from herd.errors import ConfigError
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 PAD = "<|finetune_right_pad_id|>"
 START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
-# where an image / a clip's speech embeddings go in a prompt (<|image|> is Llama 3.2's)
-IMAGE, SPEECH = "<|image|>", "<|speech|>"
-# Llama 3's reserved tokens that herd's formats use, plus herd's speech placeholder.
-SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, PAD, IMAGE, SPEECH]
-# A released Llama 3 tokenizer has no <|speech|>, and only Llama 3.2 Vision's has <|image|>:
-# there they are reserved special tokens, whose rows the released embeddings already hold.
-RESERVED_FOR = {IMAGE: "<|reserved_special_token_10|>", SPEECH: "<|reserved_special_token_11|>"}
+# where an image / a clip's speech embeddings / a video go in a prompt (<|image|> is Llama
+# 3.2's)
+IMAGE, SPEECH, VIDEO = "<|image|>", "<|speech|>", "<|video|>"
+# Llama 3's reserved tokens that herd's formats use, plus herd's speech and video placeholders.
+SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, PAD, IMAGE, SPEECH, VIDEO]
+# A released Llama 3 tokenizer has no <|speech|> or <|video|>, and only Llama 3.2 Vision's has
+# <|image|>: there they are reserved special tokens, whose rows the released embeddings
+# already hold.
+RESERVED_FOR = {
+    IMAGE: "<|reserved_special_token_10|>",
+    SPEECH: "<|reserved_special_token_11|>",
+    VIDEO: "<|reserved_special_token_12|>",
+}
 BUNDLED = {"herd_bpe": "python_docs_bpe_4k.json"}
 
 # Meta's tokenizer.model: the pre-tokenisation pattern and the layout of the 256 special ids

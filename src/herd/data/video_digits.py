@@ -25,7 +25,7 @@ import torch
 from herd.data.images import digits_images, digits_split
 from herd.data.numbers import number_to_english
 
-VIDEO_TASKS = ("sequence", "count", "first")
+QUESTIONS = ("sequence", "count", "first")
 SHOWS = (2, 5)  # shows per clip, inclusive
 SHOW_FRAMES = (2, 6)  # frames per show
 GAP_FRAMES = (1, 3)  # frames between shows
@@ -38,7 +38,7 @@ class Clip:
     digits: tuple[int, ...]  # the shows' digits, in order
 
     def question(self, task: str, rng: random.Random) -> tuple[str, str]:
-        """(question, answer) for one of VIDEO_TASKS."""
+        """(question, answer) for one of QUESTIONS."""
         words = [number_to_english(d) for d in self.digits]
         if task == "sequence":
             return "which digits are shown, in order?", " ".join(words)
@@ -52,7 +52,7 @@ class Clip:
             if rng.random() < 0.5:
                 return "which digit is shown first?", words[0]
             return "which digit is shown last?", words[-1]
-        raise ValueError(f"Unknown video task {task!r}; tasks are {VIDEO_TASKS}.")
+        raise ValueError(f"Unknown clip question {task!r}; questions are {QUESTIONS}.")
 
 
 def _shifted(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
@@ -116,4 +116,4 @@ def digit_clips(
     return [make_clip(pool, pool_labels, rng) for _ in range(n)]
 
 
-__all__ = ["MAX_FRAMES", "VIDEO_TASKS", "Clip", "digit_clips", "make_clip"]
+__all__ = ["MAX_FRAMES", "QUESTIONS", "Clip", "digit_clips", "make_clip"]

@@ -5,6 +5,10 @@ cross-attention and hearing speech through embeddings spliced into its input.
     images [B, I, C, H, W] (image_mask [B, I]) -> ImageEncoder -> media [B, I, N, D]
         -> cross-attention layers before every k-th decoder layer; a text token sees the
            most recent image (group) before it, as in Llama 3.2 Vision (see image_spans)
+    videos [B, V, F, C, H, W] (frame_mask [B, V, F]) -> ImageEncoder per frame
+        -> TemporalAggregator -> video media [B, V, S*L, D] -> video cross-attention layers,
+           each ahead of an image one (herd.models.video); text sees the most recent
+           <|video|> before it, as it does images
     audio [B, K, S] (audio_lengths [B, K]) -> SpeechEncoder -> SpeechAdapter
         -> speech [clips, L, D], one per 80 ms; clip k's embeddings replace the k-th run of
            <|speech|> placeholders of its sample, in order
@@ -31,6 +35,7 @@ needs of an earlier figure it must read through self-attention from the text tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -39,6 +44,11 @@ from torch import nn
 from herd.errors import ConfigError
 from herd.models.llama import Llama, sample_next_token
 from herd.models.speech import SpeechAdapter, SpeechAdapterConfig, SpeechEncoder
+from herd.models.video import (
+    TemporalAggregator,
+    TemporalAggregatorConfig,
+    video_cross_attention_layer_ids,
+)
 from herd.models.vision import GatedCrossAttention, ImageEncoder, cross_attention_layer_ids
 
 
@@ -56,8 +66,19 @@ class FusionModel(nn.Module):
         speech_encoder: SpeechEncoder | None = None,
         speech_adapter: SpeechAdapter | None = None,
         speech_augment: nn.Module | None = None,  # on the log-mels in training (SpecAugment)
+        video_token_id: int | None = None,
+        video_aggregator: TemporalAggregator | None = None,
+        video_cross_attention: nn.ModuleDict | None = None,  # {"i": GatedCrossAttention}
     ):
         super().__init__()
+        if (video_aggregator is None) != (video_cross_attention is None):
+            raise ConfigError(
+                "A video aggregator needs video cross-attention layers, and vice versa."
+            )
+        if video_aggregator is not None and (image_encoder is None or video_token_id is None):
+            raise ConfigError(
+                "Video needs the image encoder (it encodes the frames) and a video token."
+            )
         if (image_encoder is None) != (cross_attention is None):
             raise ConfigError("An image encoder needs cross-attention layers, and vice versa.")
         if (speech_encoder is None) != (speech_adapter is None):
@@ -70,6 +91,9 @@ class FusionModel(nn.Module):
         self.speech_encoder = speech_encoder
         self.speech_adapter = speech_adapter
         self.speech_augment = speech_augment or nn.Identity()  # the identity in eval mode
+        self.video_token_id = video_token_id
+        self.video_aggregator = video_aggregator
+        self.video_cross_attention = video_cross_attention
 
     @property
     def cross_attention_layers(self) -> list[int]:
@@ -78,7 +102,13 @@ class FusionModel(nn.Module):
     def fusion_modules(self) -> list[nn.Module]:
         """What composing added to the stage models (what the `adapter` strategy trains
         besides the encoders)."""
-        parts = [self.cross_attention, self.image_projection, self.speech_adapter]
+        parts = [
+            self.cross_attention,
+            self.image_projection,
+            self.speech_adapter,
+            self.video_aggregator,
+            self.video_cross_attention,
+        ]
         return [m for m in parts if m is not None]
 
     # -- speech ----------------------------------------------------------------------------
@@ -155,52 +185,64 @@ class FusionModel(nn.Module):
         """(media [B, I*N, D], mask [B, T, I*N]): token t sees image i when i is real and t
         lies in the image's span [first, end); of the image's N tokens, those the encoder
         marks real (`token_mask`; the release's padding tiles are not)."""
-        B, n_images, N, D = media.shape  # n_images is I in the shape comments
-        first, end = spans
-        positions = torch.arange(start, start + length, device=media.device)[None, :, None]
-        sees = (positions >= first[:, None, :]) & (positions < end[:, None, :])  # [B, T, I]
-        sees = sees & image_mask[:, None, :]
-        mask = sees[..., None].expand(B, length, n_images, N)  # [B, T, I, N]
-        if self.image_encoder.token_mask is not None:
-            mask = mask & self.image_encoder.token_mask.to(mask.device)
-        return media.reshape(B, n_images * N, D), mask.reshape(B, length, n_images * N)
+        return media_rows(spans, image_mask, media, self.image_encoder.token_mask, start, length)
 
     def image_spans(
         self, tokens: torch.Tensor, image_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T] tokens, [B, I] mask -> (first, end) [B, I]: the text positions that see
-        each image, as Llama 3.2 Vision has them: from the image's <|image|> placeholder up
-        to the next image's (consecutive placeholders form one group that all its text
-        sees), the last group to the end. Padding slots get an empty span. Checks one
-        placeholder per real image."""
-        hits = tokens == self.image_token_id  # [B, T]
-        counts, wanted = hits.sum(dim=1), image_mask.sum(dim=1)
-        if not torch.equal(counts, wanted):
-            raise ValueError(
-                f"<|image|> placeholders per sample {counts.tolist()} != images "
-                f"{wanted.tolist()}; put one placeholder where each image belongs."
-            )
-        first = torch.zeros(image_mask.shape, dtype=torch.long)
-        end = torch.zeros(image_mask.shape, dtype=torch.long)
-        never = torch.iinfo(torch.long).max  # the last group: to the end, past any cache
-        for b, row in enumerate(hits.cpu()):
-            places = row.nonzero().flatten().tolist()
-            ends = [never] * len(places)
-            for k in range(len(places) - 2, -1, -1):  # a group ends where the next begins
-                ends[k] = ends[k + 1] if places[k + 1] == places[k] + 1 else places[k + 1]
-            slots = image_mask[b].nonzero().flatten().tolist()  # the k-th real image slot
-            for slot, place, stop in zip(slots, places, ends, strict=True):
-                first[b, slot], end[b, slot] = place, stop
-        return first.to(tokens.device), end.to(tokens.device)
+        """[B, T] tokens, [B, I] mask -> (first, end) [B, I]: see `placeholder_spans`."""
+        return placeholder_spans(tokens, image_mask, self.image_token_id, "image")
 
-    def _before_layers(self, media_and_mask: tuple | None) -> dict:
-        if media_and_mask is None:
-            return {}
-        media, mask = media_and_mask
-        return {
-            int(i): partial(layer, media=media, media_mask=mask)
-            for i, layer in self.cross_attention.items()
-        }
+    # -- videos ----------------------------------------------------------------------------
+
+    def encode_videos(
+        self,
+        videos: torch.Tensor,  # [B, V, F, C, H, W]
+        frame_mask: torch.Tensor | None = None,  # [B, V, F] bool (None: all real)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> video media [B, V, S*L, D] (S groups of L tokens) and their token mask
+        [B, V, S*L]; only real frames are encoded, and a group of padding frames (or a
+        padding video) is never attended to."""
+        if self.video_aggregator is None:
+            raise ConfigError("A sample has a video but this fusion model has no video adapter.")
+        B, V, n_frames = videos.shape[:3]
+        if frame_mask is None:
+            frame_mask = torch.ones(B, V, n_frames, dtype=torch.bool, device=videos.device)
+        encoded = self.image_encoder(videos[frame_mask], self.image_projection)  # [M, N, D]
+        frames = encoded.new_zeros(B, V, n_frames, *encoded.shape[1:])  # [B, V, F, N, D]
+        frames[frame_mask] = encoded
+        tokens, groups = self.video_aggregator(frames.flatten(0, 1), frame_mask.flatten(0, 1))
+        S, L, D = tokens.shape[1:]  # tokens [B*V, S, L, D], groups [B*V, S]
+        mask = groups[..., None].expand(-1, -1, L).reshape(B, V, S * L)
+        return tokens.reshape(B, V, S * L, D), mask
+
+    def video_inputs(
+        self, tokens: torch.Tensor, videos: torch.Tensor, frame_mask: torch.Tensor | None
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(spans, video_mask [B, V], media, token_mask): what video_rows needs per call."""
+        media, token_mask = self.encode_videos(videos, frame_mask)
+        video_mask = token_mask.any(dim=-1)  # [B, V]: a video with a real frame
+        spans = placeholder_spans(tokens, video_mask, self.video_token_id, "video")
+        return spans, video_mask, media, token_mask
+
+    # -- layers ----------------------------------------------------------------------------
+
+    def _before_layers(
+        self, image: tuple | None, video: tuple | None = None
+    ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
+        """{decoder layer: f} running, before that layer, its video cross-attention layer
+        (if any) and then its image one, on (media, mask) pairs from *_rows."""
+        runs: dict[int, list] = {}
+        for media_and_mask, layers in (
+            (video, self.video_cross_attention),
+            (image, self.cross_attention),
+        ):
+            if media_and_mask is None:
+                continue
+            media, mask = media_and_mask
+            for i, layer in layers.items():
+                runs.setdefault(int(i), []).append(partial(layer, media=media, media_mask=mask))
+        return {i: partial(_in_turn, fs) for i, fs in runs.items()}
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -211,18 +253,24 @@ class FusionModel(nn.Module):
         image_mask: torch.Tensor | None = None,  # [B, I] bool
         audio: torch.Tensor | None = None,  # [B, K, S]
         audio_lengths: torch.Tensor | None = None,  # [B, K]
+        videos: torch.Tensor | None = None,  # [B, V, F, C, H, W]
+        frame_mask: torch.Tensor | None = None,  # [B, V, F] bool
     ) -> torch.Tensor:  # [B, T, D]
-        media_and_mask = None
+        image = video = None
+        T = tokens.shape[1]
         if images is not None:
             if image_mask is None:
                 image_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
             media = self.encode_images(images, image_mask)
             spans = self.image_spans(tokens, image_mask)
-            media_and_mask = self.image_media(spans, image_mask, media, 0, tokens.shape[1])
+            image = self.image_media(spans, image_mask, media, 0, T)
+        if videos is not None:
+            spans, video_mask, media, token_mask = self.video_inputs(tokens, videos, frame_mask)
+            video = media_rows(spans, video_mask, media, token_mask, 0, T)
         return self.decoder.hidden_states(
             tokens,
             inputs_embeds=self.embed(tokens, audio, audio_lengths),
-            before_layers=self._before_layers(media_and_mask),
+            before_layers=self._before_layers(image, video),
         )
 
     def forward(self, tokens: torch.Tensor, **inputs) -> torch.Tensor:  # -> logits [B, T, V]
@@ -238,6 +286,8 @@ class FusionModel(nn.Module):
         audio: torch.Tensor | None = None,  # [1, K, S]
         audio_lengths: torch.Tensor | None = None,  # [1, K]
         temperature: float = 0.0,
+        videos: torch.Tensor | None = None,  # [1, V, F, C, H, W]
+        frame_mask: torch.Tensor | None = None,  # [1, V, F]
     ) -> list[int]:
         """Greedy (or sampled) continuation of one prompt with a KV cache; returns the new
         token ids, without the stop token."""
@@ -250,21 +300,22 @@ class FusionModel(nn.Module):
             image_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=prompt.device)
             media = self.encode_images(images, image_mask)
             spans = self.image_spans(prompt, image_mask)  # [1, I] each
+        video = None if videos is None else self.video_inputs(prompt, videos, frame_mask)
         tokens, embeds, start = prompt, self.embed(prompt, audio, audio_lengths), 0
         out: list[int] = []
         decoder.setup_cache(1, total)
         try:
             for _ in range(total - T0):
-                media_and_mask = None
-                if media is not None:
-                    media_and_mask = self.image_media(
-                        spans, image_mask, media, start, tokens.shape[1]
-                    )
+                T = tokens.shape[1]
+                image = (
+                    None if media is None else self.image_media(spans, image_mask, media, start, T)
+                )
+                video_rows = None if video is None else media_rows(*video, start, T)
                 hidden = decoder.hidden_states(
                     tokens,
                     cache_start=start,
                     inputs_embeds=embeds,
-                    before_layers=self._before_layers(media_and_mask),
+                    before_layers=self._before_layers(image, video_rows),
                 )  # [1, T, D]
                 nxt = int(sample_next_token(decoder.lm_head(hidden[:, -1]), temperature)[0])
                 start += tokens.shape[1]
@@ -277,6 +328,76 @@ class FusionModel(nn.Module):
         return out
 
 
+def placeholder_spans(
+    tokens: torch.Tensor, present: torch.Tensor, token_id: int, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] tokens, [B, I] real-media mask -> (first, end) [B, I]: the text positions that
+    see each image (kind "image") or video, as Llama 3.2 Vision has it for images: from the
+    medium's <|kind|> placeholder up to the next one's (consecutive placeholders form one
+    group that all its text sees), the last group to the end. Padding slots get an empty
+    span. Checks one placeholder per real medium."""
+    hits = tokens == token_id  # [B, T]
+    counts, wanted = hits.sum(dim=1), present.sum(dim=1)
+    if not torch.equal(counts, wanted):
+        raise ValueError(
+            f"<|{kind}|> placeholders per sample {counts.tolist()} != {kind}s "
+            f"{wanted.tolist()}; put one placeholder where each {kind} belongs."
+        )
+    first = torch.zeros(present.shape, dtype=torch.long)
+    end = torch.zeros(present.shape, dtype=torch.long)
+    never = torch.iinfo(torch.long).max  # the last group: to the end, past any cache
+    for b, row in enumerate(hits.cpu()):
+        places = row.nonzero().flatten().tolist()
+        ends = [never] * len(places)
+        for k in range(len(places) - 2, -1, -1):  # a group ends where the next begins
+            ends[k] = ends[k + 1] if places[k + 1] == places[k] + 1 else places[k + 1]
+        slots = present[b].nonzero().flatten().tolist()  # the k-th real slot
+        for slot, place, stop in zip(slots, places, ends, strict=True):
+            first[b, slot], end[b, slot] = place, stop
+    return first.to(tokens.device), end.to(tokens.device)
+
+
+def media_rows(
+    spans: tuple[torch.Tensor, torch.Tensor],  # ([B, I], [B, I]): see placeholder_spans
+    present: torch.Tensor,  # [B, I] bool
+    media: torch.Tensor,  # [B, I, N, D]
+    token_mask: torch.Tensor | None,  # [N] or [B, I, N] bool: which of a medium's tokens are real
+    start: int,  # absolute position of the first text token (cached decoding)
+    length: int,  # text tokens in this call
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(media [B, I*N, D], mask [B, T, I*N]): token t sees medium i when i is real and t lies
+    in its span [first, end), and of its N tokens the real ones."""
+    B, n_media, N, D = media.shape  # n_media is I in the shape comments
+    first, end = spans
+    positions = torch.arange(start, start + length, device=media.device)[None, :, None]
+    sees = (positions >= first[:, None, :]) & (positions < end[:, None, :])  # [B, T, I]
+    sees = sees & present[:, None, :]
+    mask = sees[..., None].expand(B, length, n_media, N)  # [B, T, I, N]
+    if token_mask is not None:
+        token_mask = token_mask.to(mask.device).expand(B, n_media, N)  # [B, I, N]
+        mask = mask & token_mask[:, None]
+    return media.reshape(B, n_media * N, D), mask.reshape(B, length, n_media * N)
+
+
+def _in_turn(functions: list, x: torch.Tensor) -> torch.Tensor:
+    for f in functions:
+        x = f(x)
+    return x
+
+
+def _cross_attention_layers(decoder: Llama, layers: list[int]) -> nn.ModuleDict:
+    """{"i": GatedCrossAttention} shaped like the decoder, on its device and dtype."""
+    cfg, weight = decoder.config, decoder.embed_tokens.weight
+    return nn.ModuleDict(
+        {
+            str(i): GatedCrossAttention(
+                cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.dim, cfg.norm_eps
+            )
+            for i in layers
+        }
+    ).to(device=weight.device, dtype=weight.dtype)
+
+
 def build_fusion_model(
     decoder: Llama,
     image_token_id: int,
@@ -287,25 +408,22 @@ def build_fusion_model(
     speech_adapter: dict | None = None,  # SpeechAdapterConfig fields besides the widths
     speech_augment: nn.Module | None = None,
     cross_attention: nn.ModuleDict | None = None,  # {"i": layer}: trained ones (a release's)
+    video_token_id: int | None = None,
+    video: dict | None = None,  # TemporalAggregatorConfig fields besides dim, and `every`
 ) -> FusionModel:
     """Compose the stage models and the new fusion parts. The given modules are used as
     they are (not copied, never modified): the cross-attention layers (unless given), an
     image projection (only when the decoder's width differs from the one the encoder
-    projects to) and the speech adapter are created here, initialised so that the result
-    computes what the decoder alone computes (gates at 0)."""
+    projects to), the speech adapter and, with `video`, the temporal aggregator and video
+    cross-attention layers (one ahead of every `video["every"]`-th image one) are created
+    here, initialised so that the result computes what the decoder alone computes (gates
+    at 0)."""
     cfg, dim = decoder.config, decoder.config.dim
     weight = decoder.embed_tokens.weight
     image_projection = None
     if image_encoder is not None and cross_attention is None:
         layers = cross_attention_layer_ids(cfg.n_layers, cross_attention_every)
-        cross_attention = nn.ModuleDict(
-            {
-                str(i): GatedCrossAttention(
-                    dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, dim, cfg.norm_eps
-                )
-                for i in layers
-            }
-        ).to(device=weight.device, dtype=weight.dtype)
+        cross_attention = _cross_attention_layers(decoder, layers)
     if image_encoder is not None and image_encoder.config.lm_dim != dim:
         # the vision stage projected to its own width; the multi-layer features carry over
         # and a new projection learns to map them into this decoder
@@ -316,6 +434,18 @@ def build_fusion_model(
             **{**(speech_adapter or {}), "encoder_dim": speech_encoder.config.dim, "lm_dim": dim}
         )
         adapter = SpeechAdapter(adapter_cfg)
+    aggregator = video_cross_attention = None
+    if video is not None:
+        if image_encoder is None:
+            raise ConfigError(
+                "Video needs the image encoder (it encodes the frames); set model.vision."
+            )
+        video = dict(video)
+        every = video.pop("every", 4)
+        aggregator = TemporalAggregator(TemporalAggregatorConfig(dim=dim, **video))
+        layers = video_cross_attention_layer_ids([int(i) for i in cross_attention], every)
+        video_cross_attention = _cross_attention_layers(decoder, layers)
+        aggregator.to(device=weight.device, dtype=weight.dtype)
     return FusionModel(
         decoder,
         image_token_id,
@@ -326,7 +456,10 @@ def build_fusion_model(
         speech_encoder=speech_encoder,
         speech_adapter=adapter,
         speech_augment=speech_augment,
+        video_token_id=video_token_id,
+        video_aggregator=aggregator,
+        video_cross_attention=video_cross_attention,
     )
 
 
-__all__ = ["FusionModel", "build_fusion_model"]
+__all__ = ["FusionModel", "build_fusion_model", "media_rows", "placeholder_spans"]

@@ -15,7 +15,7 @@ from torchmetrics.text import SacreBLEUScore, WordErrorRate
 from herd.data.audio import SpecAugment
 from herd.data.chat_module import ChatDataFacts, ChatDataModule, ChatInputSpec
 from herd.data.digits_tasks import TASKS
-from herd.data.tokenizer import IMAGE, SPEECH, load_tokenizer
+from herd.data.tokenizer import IMAGE, SPEECH, VIDEO, load_tokenizer
 from herd.errors import ConfigError
 from herd.models.fusion import build_fusion_model
 from herd.models.llama import Llama
@@ -75,6 +75,9 @@ class FusionSystem(HerdSystem):
             (herd.systems.fusion_export), to start from: its architecture (language, vision,
             speech, cross_attention_every replace this config's) and weights, with this
             run's context (e.g. a fusion_digits model continued on review documents).
+        video: the video adapter, {TemporalAggregatorConfig fields besides dim, "every":
+            a video cross-attention layer ahead of every k-th image one}, or null for none
+            (herd.models.video; frames go through the image encoder).
     Checkpoints of this system rebuild every part from the resolved configs recorded here,
     so they load without the stage checkpoints they started from.
     """
@@ -94,9 +97,15 @@ class FusionSystem(HerdSystem):
         encoder_lr_multiplier: float = 1.0,
         spec_augment: dict | None = None,
         init_from: str | None = None,
+        video: dict | None = None,
     ):
         super().__init__()
-        language, vision, speech = plain(language), plain(vision), plain(speech)
+        language, vision, speech, video = (
+            plain(language),
+            plain(vision),
+            plain(speech),
+            plain(video),
+        )
         spec_augment = plain(spec_augment)
         finetune, optimizer, scheduler = plain(finetune), plain(optimizer), plain(scheduler)
         self.save_hyperparameters()
@@ -118,6 +127,7 @@ class FusionSystem(HerdSystem):
                 "tokenizer": trained.language["tokenizer"],
             }
             vision, speech = trained.vision, trained.speech
+            video = self.hparams.video = trained.get("video")
             cross_attention_every = trained.cross_attention_every
             self.hparams.cross_attention_every = cross_attention_every
         if source is not None:
@@ -193,6 +203,8 @@ class FusionSystem(HerdSystem):
             speech_adapter=(speech or {}).get("adapter"),
             speech_augment=SpecAugment(**spec_augment) if spec_augment else None,
             cross_attention=cross_attention,
+            video_token_id=special.get(VIDEO),
+            video=video,
         )
         if source is not None:
             self.model.load_state_dict(source.model.state_dict())  # strict: same architecture
@@ -280,9 +292,8 @@ class FusionSystem(HerdSystem):
     # -- steps ------------------------------------------------------------------------------
 
     def _inputs(self, batch: dict) -> dict:
-        return {
-            k: batch[k] for k in ("images", "image_mask", "audio", "audio_lengths") if k in batch
-        }
+        keys = ("images", "image_mask", "audio", "audio_lengths", "videos", "frame_mask")
+        return {k: batch[k] for k in keys if k in batch}
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model.hidden_states(batch["input_ids"], **self._inputs(batch))  # [B, T, D]
@@ -309,6 +320,11 @@ class FusionSystem(HerdSystem):
         if "audio" in batch and bool(batch["audio_lengths"][b].any()):
             lengths = batch["audio_lengths"][b : b + 1]  # [1, K]
             audio = batch["audio"][b : b + 1, :, : int(lengths.max())]  # [1, K, S]
+        videos = frame_mask = None
+        if "videos" in batch and bool(batch["frame_mask"][b].any()):
+            real = batch["frame_mask"][b].any(dim=-1)  # [V]
+            videos = batch["videos"][b : b + 1, real]  # [1, V, F, C, H, W]
+            frame_mask = batch["frame_mask"][b : b + 1, real]  # [1, V, F]
         ids = self.model.generate(
             prompt,
             self.hparams.max_new_tokens,
@@ -316,6 +332,8 @@ class FusionSystem(HerdSystem):
             images=images,
             audio=audio,
             audio_lengths=lengths,
+            videos=videos,
+            frame_mask=frame_mask,
         )
         return self.tokenizer.decode(ids).strip()
 
