@@ -248,6 +248,8 @@ def test_a_short_real_video_run_writes_every_metric_and_reopens(tmp_path):
     import json
     from pathlib import Path
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from herd.systems.common import load_system
     from herd.train import train
 
@@ -261,5 +263,9 @@ def test_a_short_real_video_run_writes_every_metric_and_reopens(tmp_path):
         assert f"test/{name}" in saved, name
     for name in ("wer_video", "count_acc", "first_acc"):  # the trivial baselines beside them
         assert any(k.startswith(f"test/{name}") and k != f"test/{name}" for k in saved), name
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    assert "samples/video_video_count_0" in events.Tags()["images"]  # the frames, in a grid
+    assert "samples/answers_test/text_summary" in events.Tags()["tensors"]
     system = load_system(run / "checkpoints" / "last.ckpt")
     assert system.model.video_aggregator is not None and system.model.speech_encoder is None

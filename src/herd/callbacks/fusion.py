@@ -1,15 +1,18 @@
-"""What the fusion model answers, in TensorBoard: each task's prompt media (image or audio)
-beside the generated answer and the reference, after every validation and test."""
+"""What the fusion model answers, in TensorBoard: each task's prompt media (image, audio or
+a video's frames as a grid) beside the generated answer and the reference, after every
+validation and test."""
 
 from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid
 
 
 class FusionSamples(L.Callback):
-    """`samples/answers` (a Markdown table), `samples/image_{task}_{i}` and
-    `samples/audio_{task}_{i}` for the first `per_task` predictions of each task."""
+    """`samples/answers` (a Markdown table), `samples/image_{i}`, `samples/audio_{task}_{i}`
+    and `samples/video_{task}_{i}` (frames in a grid, 8 a row) for the first `per_task`
+    predictions of each task."""
 
     def __init__(self, per_task: int = 2):
         self.per_task = per_task
@@ -35,6 +38,10 @@ class FusionSamples(L.Callback):
                 if p["image"] is not None:
                     image = (p["image"].float() + 1) / 2  # [-1, 1] -> [0, 1], [C, H, W]
                     tb.add_image(f"samples/image_{i}", image.clamp(0, 1), global_step=step)
+                if p.get("video") is not None:
+                    frames = ((p["video"].float() + 1) / 2).clamp(0, 1)  # [F, C, H, W]
+                    grid = make_grid(frames, nrow=8, pad_value=0.5)
+                    tb.add_image(f"samples/video_{p['task']}_{i}", grid, global_step=step)
                 if p["audio"] is not None:
                     tb.add_audio(
                         f"samples/audio_{p['task']}_{i}",

@@ -359,14 +359,16 @@ class FusionSystem(HerdSystem):
                     record[key] = batch[key][b]
             # every test answer is kept (test_predictions.jsonl); media for a few per task
             shown = sum(p["task"] == task for p in self.predictions[split]) < 4
-            first_image = first_clip = None
+            first_image = first_clip = first_video = None
             if shown and "images" in batch and bool(batch["image_mask"][b].any()):
                 first_image = batch["images"][b, 0].cpu()
             if shown and "audio" in batch and int(batch["audio_lengths"][b, 0]) > 0:
                 first_clip = batch["audio"][b, 0, : int(batch["audio_lengths"][b, 0])].cpu()
+            if shown and "videos" in batch and bool(batch["frame_mask"][b, 0].any()):
+                first_video = batch["videos"][b, 0, batch["frame_mask"][b, 0]].cpu()  # [F, C, H, W]
             if shown or split == "test":
                 self.predictions[split].append(
-                    {**record, "image": first_image, "audio": first_clip}
+                    {**record, "image": first_image, "audio": first_clip, "video": first_video}
                 )
 
     def _log_eval(self, split: str) -> None:
