@@ -219,7 +219,7 @@ class FusionModel(nn.Module):
     def video_inputs(
         self, tokens: torch.Tensor, videos: torch.Tensor, frame_mask: torch.Tensor | None
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(spans, video_mask [B, V], media, token_mask): what video_rows needs per call."""
+        """(spans, video_mask [B, V], media, token_mask): what media_rows needs per call."""
         media, token_mask = self.encode_videos(videos, frame_mask)
         video_mask = token_mask.any(dim=-1)  # [B, V]: a video with a real frame
         spans = placeholder_spans(tokens, video_mask, self.video_token_id, "video")
