@@ -269,3 +269,14 @@ def test_a_short_real_video_run_writes_every_metric_and_reopens(tmp_path):
     assert "samples/answers_test/text_summary" in events.Tags()["tensors"]
     system = load_system(run / "checkpoints" / "last.ckpt")
     assert system.model.video_aggregator is not None and system.model.speech_encoder is None
+
+
+def test_a_decoder_without_a_video_token_is_named(tmp_path):
+    from herd.systems.fusion import FusionSystem
+
+    with pytest.raises(ConfigError, match=r"has no <\|video\|> token \(tokenizer bytes\)"):
+        FusionSystem(
+            language={"llama": {"flavor": "tiny", "vocab_size": 264}, "tokenizer": "bytes"},
+            vision={"encoder": {"img_size": 16, "patch_size": 8, "lm_dim": 64}},
+            video={"frames_per_group": 2, "n_latents": 2, "n_layers": 1, "n_heads": 2},
+        )

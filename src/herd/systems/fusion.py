@@ -193,6 +193,13 @@ class FusionSystem(HerdSystem):
                 f"Tokenizer {tokenizer_spec} puts <|image|> at {special.get(IMAGE)}, but the "
                 f"Llama 3.2 Vision weights expect it at {released.image_token_id}."
             )
+        rows = decoder.embed_tokens.num_embeddings
+        if video and special.get(VIDEO, rows) >= rows:
+            raise ConfigError(
+                f"The decoder's vocabulary ({rows} rows) has no <|video|> token (tokenizer "
+                f"{tokenizer_spec}); train the language stage with a tokenizer that has it "
+                "(herd_bpe does since 2026-12-06)."
+            )
         self.model = build_fusion_model(
             decoder,
             image_token_id=special[IMAGE],
