@@ -117,6 +117,7 @@ class FusionSystem(HerdSystem):
             architecture, exported = read_fusion_export(init_from)
             language = {"pretrained": architecture["decoder"]}
             vision, speech = architecture["vision"], architecture["speech"]
+            video = self.hparams.video = architecture.get("video")
             cross_attention_every = architecture["cross_attention_every"]
             self.hparams.cross_attention_every = cross_attention_every
         elif init_from:  # the architecture recorded by the source; its weights are loaded below

@@ -1,7 +1,7 @@
 """A trained fusion model as files other tools can read, and back.
 
     OUT/fusion.json          the architecture: the decoder's place, the encoders' and the
-                             speech adapter's configs, cross_attention_every
+                             speech adapter's configs, cross_attention_every, video
     OUT/fusion.safetensors   every weight but the decoder's: image encoder (+ projection),
                              cross-attention layers with their gates, speech encoder + adapter
     OUT/decoder/             (parts=all) the decoder as a Hugging Face Llama directory, with
@@ -89,6 +89,7 @@ def save_fusion_export(system, out: Path, parts: str = "all", dtype=torch.float3
         "vision": hp.vision,
         "speech": hp.speech,
         "cross_attention_every": hp.cross_attention_every,
+        "video": hp.get("video"),
     }
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
