@@ -280,3 +280,29 @@ def test_a_decoder_without_a_video_token_is_named(tmp_path):
             vision={"encoder": {"img_size": 16, "patch_size": 8, "lm_dim": 64}},
             video={"frames_per_group": 2, "n_latents": 2, "n_layers": 1, "n_heads": 2},
         )
+
+
+def test_a_video_fusion_model_exports_and_reopens_to_the_same_outputs(tmp_path):
+    from herd.data.tokenizer import VIDEO
+    from herd.systems.fusion import FusionSystem
+    from herd.systems.fusion_export import save_fusion_export
+
+    context = {"max_seq_len": 128, "rope_scaling": None}
+    torch.manual_seed(0)
+    system = FusionSystem(
+        language={"llama": {"flavor": "tiny", **context}, "tokenizer": "herd_bpe"},
+        vision={"encoder": {"patch_size": 8, "feature_layers": [0], "lm_dim": 64}},
+        video={"frames_per_group": 2, "n_latents": 2, "n_layers": 1, "n_heads": 2},
+        cross_attention_every=1,
+    ).eval()
+    with torch.no_grad():  # trained-looking: open gates, moved weights
+        for p in system.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tokens = torch.tensor([[5, system.tokenizer.special_ids[VIDEO], 300, 301, 302]])
+    clip = torch.rand(1, 1, 5, 1, 32, 32) * 2 - 1
+    out = save_fusion_export(system, tmp_path / "export", "all")
+    reopened = FusionSystem(language={"llama": context}, init_from=str(out)).eval()
+    assert reopened.hparams.video == system.hparams.video
+    with torch.no_grad():
+        expected = system.model(tokens, videos=clip)
+        torch.testing.assert_close(reopened.model(tokens, videos=clip), expected)
