@@ -284,24 +284,27 @@ def test_the_release_as_a_fusion_model_computes_the_released_logits(released):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+RELEASE_IMAGE_ID = 4097  # after the bundled BPE's 4096 tokens and its <|video|>
+
+
 def tiny_mllama_with_tokenizer(path):
     """A tiny random Llama 3.2 Vision in the Hugging Face layout whose tokenizer is herd's
     bundled BPE with <|image|> after the text vocabulary, where the release has it (128256
-    there, 4096 here); the bundled <|image|> row becomes a reserved token."""
+    there, RELEASE_IMAGE_ID here); the bundled <|image|> row becomes a reserved token."""
     import json
     from importlib.resources import files
 
     torch.manual_seed(0)
-    text = dict(TINY_TEXT, vocab_size=4096, bos_token_id=0, eos_token_id=1)
+    text = dict(TINY_TEXT, vocab_size=RELEASE_IMAGE_ID, bos_token_id=0, eos_token_id=1)
     config = transformers.MllamaConfig(
-        text_config=text, vision_config=TINY_MLLAMA_VISION, image_token_index=4096
+        text_config=text, vision_config=TINY_MLLAMA_VISION, image_token_index=RELEASE_IMAGE_ID
     )
     transformers.MllamaForConditionalGeneration(config).save_pretrained(path)
     bundled = (files("herd.assets") / "tokenizers" / "python_docs_bpe_4k.json").read_text()
     tokenizer = json.loads(bundled.replace('"<|image|>"', '"<|reserved_special_token_10|>"'))
     tokenizer["added_tokens"].append(
         {
-            "id": 4096,
+            "id": RELEASE_IMAGE_ID,
             "content": "<|image|>",
             "single_word": False,
             "lstrip": False,
@@ -374,7 +377,7 @@ def test_the_release_fine_tunes_through_the_fusion_stage(tmp_path, strategy):
     back = transformers.MllamaForConditionalGeneration.from_pretrained(out).eval()
     image = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
     tokens = torch.randint(8, 4000, (1, 9))
-    tokens[0, 2] = 4096
+    tokens[0, 2] = RELEASE_IMAGE_ID
     cross = torch.zeros(1, 9, 1, 4, dtype=torch.long)
     cross[0, 2:, 0, 0] = 1
     pixels = mllama_pixel_batch([[image]], tile=28, max_tiles=4)
@@ -398,6 +401,6 @@ def test_a_release_with_a_mismatched_tokenizer_or_a_second_encoder_is_refused(tm
             {"pretrained": str(release)}, vision={"checkpoint": "vision.ckpt"}, speech=None
         )
     bundled = files("herd.assets") / "tokenizers" / "python_docs_bpe_4k.json"
-    shutil.copyfile(bundled, release / "tokenizer.json")  # <|image|> at 6, not 4096
+    shutil.copyfile(bundled, release / "tokenizer.json")  # <|image|> at 6, not 4097
     with pytest.raises(ConfigError, match=r"puts <\|image\|> at 6, but the Llama 3.2 Vision"):
         FusionSystem({"pretrained": str(release)}, vision=None, speech=None)

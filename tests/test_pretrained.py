@@ -201,7 +201,10 @@ def tiny_hf_checkpoint_with_tokenizer(path):
     """A random Llama with herd's bundled tokenizer, saved as a Hugging Face directory."""
     from importlib.resources import files
 
-    cfg = small_hf_config(vocab_size=4096, max_position_embeddings=1024)
+    from herd.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer("herd_bpe").vocab_size  # 4096 BPE tokens and <|video|>
+    cfg = small_hf_config(vocab_size=vocab, max_position_embeddings=1024)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     (path / "tokenizer.json").write_bytes(
         (files("herd.assets") / "tokenizers" / "python_docs_bpe_4k.json").read_bytes()

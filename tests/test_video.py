@@ -292,7 +292,7 @@ def test_a_video_fusion_model_exports_and_reopens_to_the_same_outputs(tmp_path):
     system = FusionSystem(
         language={"llama": {"flavor": "tiny", **context}, "tokenizer": "herd_bpe"},
         vision={"encoder": {"patch_size": 8, "feature_layers": [0], "lm_dim": 64}},
-        video={"frames_per_group": 2, "n_latents": 2, "n_layers": 1, "n_heads": 2},
+        video={"frames_per_group": 2, "n_latents": 2, "n_layers": 1, "n_heads": 2, "every": 1},
         cross_attention_every=1,
     ).eval()
     with torch.no_grad():  # trained-looking: open gates, moved weights
