@@ -8,9 +8,10 @@ and where the video cross-attention layers go.
            (and themselves), a perceiver resampler -> video tokens [B, F/G, L, D]
         -> GatedCrossAttention layers, one before every k-th image cross-attention layer
 
-The Llama 3 paper merges 32 frames into one and reads up to 64 frames; on the digits world a
-clip is 8-64 frames and G is a config choice (experiments/video_aggregation). A group whose
-frames are all padding gets group_mask False, and no text row may attend to its tokens.
+The Llama 3 paper merges 32 frames into one and reads up to 64 frames; the digits world's
+clips are 8-42 frames (herd.data.video_digits) and G is a config choice
+(model.video.frames_per_group). A group whose frames are all padding gets group_mask False,
+and no text row may attend to its tokens.
 """
 
 from __future__ import annotations
