@@ -11,7 +11,7 @@ import pytest
 
 from herd.data.chat import IGNORE_INDEX, encode_example
 from herd.data.chat_manifest import read_chat_manifests
-from herd.data.tokenizer import IMAGE, RESERVED_FOR, SPEECH, load_tokenizer
+from herd.data.tokenizer import IMAGE, RESERVED_FOR, SPEECH, VIDEO, load_tokenizer
 from herd.errors import DataError
 
 TOKENIZER = load_tokenizer("herd_bpe")
@@ -31,9 +31,16 @@ def speech_tokens(samples: int) -> int:
     return max(1, samples // 1280)  # one per 80 ms, as the speech adapter gives
 
 
-def read(files, max_tokens=512, skip_bad=False, speech=True):
+def read(files, max_tokens=512, skip_bad=False, speech=True, max_video_frames=8):
     return read_chat_manifests(
-        files, TOKENIZER, speech_tokens if speech else None, 32, 1, max_tokens, skip_bad
+        files,
+        TOKENIZER,
+        speech_tokens if speech else None,
+        32,
+        1,
+        max_tokens,
+        skip_bad,
+        max_video_frames,
     )
 
 
@@ -71,6 +78,7 @@ def write_manifest(tmp_path: Path, bad: dict | str | None, name: str = "chat.jso
     shutil.copy(image, tmp_path / "images" / "a.png")
     good["messages"][0]["content"][0]["path"] = "images/a.png"
     (tmp_path / "broken.png").write_text("not a png")
+    write_frames(tmp_path / "frames", 12)
     lines = [json.dumps(good)]
     if bad is not None:
         lines.append(bad if isinstance(bad, str) else json.dumps(bad))
@@ -94,7 +102,26 @@ BAD_LINES = [
     ),
     (chat({"type": "image", "path": "broken.png"}, TEXT), "cannot read image file .*broken.png"),
     (chat({"type": "audio", "path": "broken.png"}, TEXT), "cannot read audio file .*broken.png"),
-    (chat({"type": "video", "path": "x.mp4"}, TEXT), "unknown content part type 'video'"),
+    (chat({"type": "movie", "path": "x.mp4"}, TEXT), "unknown content part type 'movie'"),
+    (chat({"type": "video", "path": "nowhere"}, TEXT), "video .*nowhere does not exist"),
+    (chat({"type": "video", "path": "broken.png"}, TEXT), "cannot read video file .*broken.png"),
+    (
+        chat({"type": "video", "path": "frames"}, TEXT),
+        "video .*frames has 12 frames, more than the video adapter's max_frames=8; sample it "
+        'with a lower "fps"',
+    ),
+    (
+        chat({"type": "video", "path": "frames", "fps": 2}, TEXT),
+        'video folder .*frames has "fps" but no "frame_rate"',
+    ),
+    (
+        chat({"type": "video", "path": "frames", "fps": 20, "frame_rate": 10}, TEXT),
+        '"fps" 20 is faster than the clip\'s 10 frames a second',
+    ),
+    (
+        chat({"type": "text", "text": "what does <|video|> show?"}),
+        "text holds one of .*; give media as image/audio/video parts",
+    ),
     (chat(TEXT, answer=None), "no assistant message"),
     (chat(TEXT, metric="f1"), "\"metric\" 'f1' is not one of"),
     (chat(TEXT, metric="wer", task="figure"), "task 'figure' is scored with 'top1'"),
@@ -130,6 +157,52 @@ def test_audio_without_a_speech_encoder_and_missing_splits_are_named(tmp_path):
     only_train = write_manifest(tmp_path, None)
     with pytest.raises(DataError, match="no validation samples; give data.val_manifest=FILE"):
         read({"train": only_train})
+
+
+def write_frames(folder: Path, n: int) -> list[int]:
+    """n PNG frames named frame1..frameN (natural order differs from the names' sort order),
+    frame k filled with gray level 10 * k; returns the levels in frame order."""
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    for k in range(1, n + 1):
+        Image.new("L", (20, 20), 10 * k).save(folder / f"frame{k}.png")
+    return [10 * k for k in range(1, n + 1)]
+
+
+def levels(video) -> list[int]:
+    """Each frame's gray level back from [-1, 1]."""
+    return [round(float((frame.mean() + 1) * 127.5)) for frame in video]
+
+
+def test_videos_read_from_a_frame_folder_or_an_animated_file_in_order_and_sampled(tmp_path):
+    from PIL import Image
+
+    write_frames(tmp_path / "clip", 12)  # 12 frames at 6 per second: 2 s
+    gif = [Image.new("L", (20, 20), 40 * k) for k in range(1, 5)]  # 0.25, 0.25, 0.5, 1.0 s
+    gif[0].save(
+        tmp_path / "clip.gif", save_all=True, append_images=gif[1:], duration=[250, 250, 500, 1000]
+    )
+    question = {"type": "text", "text": "which digits, in order?"}
+    lines = [
+        chat({"type": "video", "path": "clip", "frame_rate": 6}, question, split="train"),
+        chat({"type": "video", "path": "clip", "frame_rate": 6, "fps": 2}, question, split="val"),
+        chat({"type": "video", "path": "clip.gif", "fps": 2}, question, split="train"),
+        chat({"type": "video", "path": "clip.gif"}, question, split="train"),
+    ]
+    manifest = tmp_path / "videos.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    by_split, _ = read({"train": manifest}, max_video_frames=12)
+    every, sampled_gif, gif_frames = (ex.videos[0] for ex in by_split["train"])
+    assert every.shape == (12, 1, 32, 32)
+    assert levels(every) == [10 * k for k in range(1, 13)]  # frame2 before frame10
+    assert levels(by_split["val"][0].videos[0]) == [10, 40, 70, 100]  # t = 0, 0.5, 1, 1.5 s
+    assert levels(gif_frames) == [40, 80, 120, 160]
+    assert levels(sampled_gif) == [40, 120, 160, 160]  # t = 0, 0.5, 1, 1.5 s of 2 s
+    encoded = encode_example(by_split["train"][0], TOKENIZER, speech_tokens)
+    assert encoded["input_ids"].count(TOKENIZER.special_ids[VIDEO]) == 1
+    with pytest.raises(DataError, match="line 1: it holds a video but the fusion model has no"):
+        read({"train": manifest}, max_video_frames=None)
 
 
 def llama3_style_checkpoint(path: Path) -> Path:

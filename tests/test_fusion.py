@@ -10,6 +10,7 @@ import torch
 from herd.data.chat import Example, collate, encode_example
 from herd.data.multimodal import ExampleDataset
 from herd.data.tokenizer import load_tokenizer
+from herd.errors import ConfigError
 from herd.models.fusion import FusionModel, build_fusion_model
 from herd.models.llama import Llama, LlamaConfig
 from herd.models.lora import LoRALinear, add_lora, merge_lora
@@ -131,6 +132,17 @@ def test_text_before_the_image_does_not_see_it():
     cut = tokens[0].tolist().index(SPECIAL["<|image|>"])
     assert torch.equal(a[:, :cut], b[:, :cut])  # before the image: identical
     assert not torch.allclose(a[:, cut:], b[:, cut:])  # from the image on: it matters
+
+
+def test_named_parts_are_frozen_under_any_strategy_and_typos_are_refused():
+    model = tiny_fusion()
+    counts = apply_finetune_strategy(model, "full", frozen=("image_encoder", "speech_encoder"))
+    for name, p in model.named_parameters():
+        assert p.requires_grad != name.startswith(("image_encoder.", "speech_encoder."))
+    frozen = [*model.image_encoder.parameters(), *model.speech_encoder.parameters()]
+    assert counts["frozen"] == sum(p.numel() for p in frozen)
+    with pytest.raises(ConfigError, match="finetune.frozen names 'vision', not one of"):
+        apply_finetune_strategy(model, "full", frozen=("vision",))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

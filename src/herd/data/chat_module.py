@@ -21,13 +21,15 @@ class ChatInputSpec:
     """What the fusion model being trained fixes about its inputs (FusionSystem.input_spec):
     prompts are encoded with its tokenizer, each clip gets `speech_tokens(num_samples)`
     placeholders (None: the model has no speech encoder) and its encoder reads audio at
-    `sample_rate`, images are drawn at its image encoder's size and channels."""
+    `sample_rate`, images are drawn at its image encoder's size and channels, and a clip
+    may hold up to `max_video_frames` frames (None: the model has no video adapter)."""
 
     tokenizer: Tokenizer
     speech_tokens: Callable[[int], int] | None
     sample_rate: int | None
     image_size: int
     channels: int
+    max_video_frames: int | None = None
 
 
 @dataclass(frozen=True)

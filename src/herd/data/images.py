@@ -64,16 +64,21 @@ def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
 
     with Image.open(path) as img:
         img.load()  # decode now: a truncated file fails here, not in a later batch
-        if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, rgba)
-        img = img.convert("L" if channels == 1 else "RGB")
-        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy())
-    tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)  # [C, S, S]
-    return tensor
+        return pil_to_tensor(img, image_size, channels)
+
+
+def pil_to_tensor(img, image_size: int, channels: int) -> torch.Tensor:
+    """A decoded PIL image -> uint8 [channels, S, S], converted as load_image says."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    img = img.convert("L" if channels == 1 else "RGB")
+    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    tensor = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)  # [C, S, S]
 
 
 def _image_entry(record: dict, root: Path) -> tuple[Path, object]:

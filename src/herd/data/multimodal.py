@@ -200,6 +200,7 @@ class FusionDataModule(ChatDataModule):
             self.spec.channels,
             hp.max_tokens,
             hp.skip_bad_samples,
+            self.spec.max_video_frames,
         )
         self.task_metric = {t: f"{t}/{m}" for t, m in metrics.items() if m != "none"}
         self.task_metric.update({t: None for t, m in metrics.items() if m == "none"})

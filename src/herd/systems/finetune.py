@@ -6,6 +6,9 @@
     lora     decoder frozen, rank-r LoRA on its attention and MLP projections trains;
              encoders and adapters train (merge with herd.models.lora.merge_lora to export)
 
+Under any strategy, `frozen` names whole parts of the fusion model kept fixed (e.g. the
+paper's video stage trains only the video adapter: `finetune=video`).
+
 "Adapters" are what composing added (`FusionModel.fusion_modules()`: the cross-attention
 layers, an image projection, the speech adapter); the decoder's core is the decoder's own
 parameters, LoRA matrices excluded. Both are found by module, never by parameter name.
@@ -20,6 +23,16 @@ from herd.models.fusion import FusionModel
 from herd.models.lora import LoRALinear, add_lora
 
 STRATEGIES = ("full", "partial", "adapter", "lora")
+PARTS = (  # FusionModel's parts, by attribute name, that `frozen` may name
+    "decoder",
+    "image_encoder",
+    "image_projection",
+    "cross_attention",
+    "speech_encoder",
+    "speech_adapter",
+    "video_aggregator",
+    "video_cross_attention",
+)
 
 
 def decoder_core_parameters(model: FusionModel) -> list[nn.Parameter]:
@@ -38,11 +51,15 @@ def apply_finetune_strategy(
     strategy: str = "full",
     top_layers: int = 2,
     lora: dict | None = None,
+    frozen: tuple[str, ...] | list[str] = (),
 ) -> dict[str, int]:
-    """Set requires_grad for `strategy` (adding LoRA matrices first for `lora`); returns
-    {"trainable": n, "frozen": n} parameter counts."""
+    """Set requires_grad for `strategy` (adding LoRA matrices first for `lora`), then
+    freeze the `frozen` parts; returns {"trainable": n, "frozen": n} parameter counts."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"finetune.strategy={strategy!r} is not one of {list(STRATEGIES)}.")
+    for part in frozen:
+        if part not in PARTS:
+            raise ConfigError(f"finetune.frozen names {part!r}, not one of {list(PARTS)}.")
     layers = model.decoder.layers
     if strategy == "partial" and not 0 <= top_layers <= len(layers):
         raise ConfigError(
@@ -63,6 +80,9 @@ def apply_finetune_strategy(
         for module in [*layers[len(layers) - top_layers :], model.decoder.norm]:
             for p in module.parameters():
                 p.requires_grad_(True)
+    for part in frozen:  # a part this model lacks is frozen already
+        if getattr(model, part) is not None:
+            getattr(model, part).requires_grad_(False)
     return parameter_counts(model)
 
 

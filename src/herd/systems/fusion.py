@@ -60,7 +60,8 @@ class FusionSystem(HerdSystem):
         speech: {"checkpoint": a SpeechSystem .ckpt or null, "encoder": SpeechEncoderConfig
             fields (when built fresh), "adapter": SpeechAdapterConfig fields}, or null.
         finetune: {"strategy": full|partial|adapter|lora, "top_layers": N (partial),
-            "lora": {"rank", "alpha", "dropout", "targets"}}.
+            "lora": {"rank", "alpha", "dropout", "targets"}, "frozen": parts kept fixed
+            under any strategy (herd.systems.finetune.PARTS)}.
         cross_attention_every: a cross-attention layer before every k-th decoder layer.
         max_new_tokens: answer length limit when generating for the task metrics.
         gate_lr_multiplier: learning-rate factor for the cross-attention gates. They start
@@ -232,6 +233,7 @@ class FusionSystem(HerdSystem):
             finetune.get("strategy", "full"),
             finetune.get("top_layers", 2),
             finetune.get("lora"),
+            tuple(finetune.get("frozen") or ()),
         )
         log.info(
             "Fine-tuning strategy %s: %d trainable, %d frozen parameters.",
@@ -287,7 +289,9 @@ class FusionSystem(HerdSystem):
         speech_tokens, rate = (
             (self.model.speech_tokens, speech.config.sample_rate) if speech else (None, None)
         )
-        return ChatInputSpec(self.tokenizer, speech_tokens, rate, size, channels)
+        aggregator = self.model.video_aggregator
+        max_frames = aggregator.config.max_frames if aggregator is not None else None
+        return ChatInputSpec(self.tokenizer, speech_tokens, rate, size, channels, max_frames)
 
     def on_fit_start(self) -> None:
         counts = {f"model/{k}_params": float(v) for k, v in self.parameter_counts.items()}
