@@ -205,6 +205,33 @@ def test_videos_read_from_a_frame_folder_or_an_animated_file_in_order_and_sample
         read({"train": manifest}, max_video_frames=None)
 
 
+def test_the_fusion_data_batches_a_manifests_videos_with_their_frame_mask(tmp_path):
+    """source=manifest with video parts: clips of different lengths in one batch, padded
+    and masked, the model's max_frames taken from its input spec."""
+    from herd.data.chat_module import ChatInputSpec
+    from herd.data.multimodal import FusionDataModule
+
+    write_frames(tmp_path / "long", 6)
+    write_frames(tmp_path / "short", 3)
+    lines = [
+        chat({"type": "video", "path": name}, TEXT, split=split)
+        for name in ("long", "short")
+        for split in ("train", "val")
+    ]
+    manifest = tmp_path / "videos.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    data = FusionDataModule(source="manifest", manifest=str(manifest), batch_size=2)
+    data.setup_for(ChatInputSpec(TOKENIZER, None, None, 32, 1, max_video_frames=6))
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    assert batch["videos"].shape == (2, 1, 6, 1, 32, 32)
+    assert batch["frame_mask"][:, 0].sum(-1).tolist() == [6, 3]
+    data = FusionDataModule(source="manifest", manifest=str(manifest), batch_size=2)
+    data.setup_for(ChatInputSpec(TOKENIZER, None, None, 32, 1, max_video_frames=4))
+    with pytest.raises(DataError, match="line 1: video .*long has 6 frames, more than"):
+        data.setup()
+
+
 def llama3_style_checkpoint(path: Path) -> Path:
     """A tiny random Llama in the Hugging Face layout whose tokenizer, like a released
     Llama 3.1's, has reserved special tokens but no <|image|> or <|speech|>."""

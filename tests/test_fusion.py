@@ -18,6 +18,8 @@ from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
 from herd.models.vision import ImageEncoder, ImageEncoderConfig, TanhGate
 from herd.systems.finetune import STRATEGIES, apply_finetune_strategy, decoder_core_parameters
 
+from .helpers.generation import recomputed_greedy
+
 TOKENIZER = load_tokenizer("bytes")
 SPECIAL = TOKENIZER.special_ids
 
@@ -216,12 +218,7 @@ def test_generation_stops_at_the_stop_token_and_keeps_media():
     out = model.generate(prompt, 5, images=batch["images"])
     assert len(out) == 5
     # with a cache, the answer equals step-by-step recomputation of the whole sequence
-    tokens = prompt
-    with torch.no_grad():
-        for _ in range(5):
-            nxt = model(tokens, images=batch["images"])[:, -1].argmax(-1)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-    assert out == tokens[0, prompt.shape[1] :].tolist()
+    assert out == recomputed_greedy(model, prompt, 5, images=batch["images"])
 
 
 def test_spec_augment_masks_speech_in_training_only():
@@ -414,12 +411,7 @@ def test_generation_with_two_images_equals_recomputing_the_whole_sequence():
     prompt = two_image_tokens()
     images = torch.rand(1, 2, 1, 16, 16)
     out = model.generate(prompt, 4, images=images)
-    tokens = prompt
-    with torch.no_grad():
-        for _ in range(4):
-            nxt = model(tokens, images=images)[:, -1].argmax(-1)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-    assert out == tokens[0, prompt.shape[1] :].tolist()
+    assert out == recomputed_greedy(model, prompt, 4, images=images)
 
 
 def test_padded_images_of_another_sample_change_nothing():

@@ -15,6 +15,8 @@ from herd.models.video import (
 )
 from herd.models.vision import GatedCrossAttention, cross_attention_layer_ids
 
+from .helpers.generation import recomputed_greedy
+
 
 def aggregator(**overrides) -> TemporalAggregator:
     torch.manual_seed(0)
@@ -214,12 +216,7 @@ def test_generation_with_a_video_equals_recomputing_the_whole_sequence():
     prompt = torch.tensor([[40, video, 41, 42]])
     clip = torch.rand(1, 1, 4, 1, 16, 16)
     out = model.generate(prompt, 4, videos=clip)
-    tokens = prompt
-    with torch.no_grad():
-        for _ in range(4):
-            nxt = model(tokens, videos=clip)[:, -1].argmax(-1)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-    assert out == tokens[0, prompt.shape[1] :].tolist()
+    assert out == recomputed_greedy(model, prompt, 4, videos=clip)
 
 
 TINY_VIDEO = [
@@ -306,3 +303,31 @@ def test_a_video_fusion_model_exports_and_reopens_to_the_same_outputs(tmp_path):
     with torch.no_grad():
         expected = system.model(tokens, videos=clip)
         torch.testing.assert_close(reopened.model(tokens, videos=clip), expected)
+
+
+def test_video_gates_learn_at_the_gate_rate_and_finetune_video_trains_only_the_adapter():
+    """The video cross-attention gates start closed like the image ones, so they get the
+    same gate_lr_multiplier; finetune=video's frozen parts leave only the video adapter."""
+    from herd.models.vision import TanhGate
+    from herd.systems.common import decay_param_groups
+    from herd.systems.fusion import FusionSystem
+
+    torch.manual_seed(0)
+    system = FusionSystem(
+        language={"llama": {"flavor": "tiny", "max_seq_len": 128}, "tokenizer": "herd_bpe"},
+        vision={"encoder": {"patch_size": 8, "feature_layers": [0], "lm_dim": 64}},
+        video={"frames_per_group": 2, "n_latents": 2, "n_layers": 1, "n_heads": 2, "every": 1},
+        cross_attention_every=1,
+        gate_lr_multiplier=30.0,
+        finetune={
+            "strategy": "adapter",
+            "frozen": ["image_encoder", "image_projection", "cross_attention"],
+        },
+    )
+    model = system.model
+    groups = decay_param_groups(system, 0.1, system.lr_multipliers())
+    scaled = {id(p): g.get("lr_scale", 1.0) for g in groups for p in g["params"]}
+    gates = [m.gate for m in model.video_cross_attention.modules() if isinstance(m, TanhGate)]
+    assert gates and all(scaled[id(g)] == 30.0 for g in gates)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"video_aggregator", "video_cross_attention"}

@@ -95,6 +95,11 @@ class FusionModel(nn.Module):
         self.video_aggregator = video_aggregator
         self.video_cross_attention = video_cross_attention
 
+    def placeholder_ids(self) -> list[int]:
+        """The media placeholder tokens (image, speech, video) in the decoder's vocabulary."""
+        ids = (self.image_token_id, self.speech_token_id, self.video_token_id)
+        return [i for i in ids if i is not None and i < self.decoder.config.vocab_size]
+
     @property
     def cross_attention_layers(self) -> list[int]:
         return sorted(int(i) for i in self.cross_attention or {})
@@ -317,7 +322,9 @@ class FusionModel(nn.Module):
                     inputs_embeds=embeds,
                     before_layers=self._before_layers(image, video_rows),
                 )  # [1, T, D]
-                nxt = int(sample_next_token(decoder.lm_head(hidden[:, -1]), temperature)[0])
+                logits = decoder.lm_head(hidden[:, -1])  # [1, V]
+                logits[:, self.placeholder_ids()] = float("-inf")  # it could attach no media
+                nxt = int(sample_next_token(logits, temperature)[0])
                 start += tokens.shape[1]
                 if nxt in stop_ids:
                     break

@@ -98,6 +98,9 @@ class TemporalAggregator(nn.Module):
         super().__init__()
         self.config = cfg
         self.frame_embed = nn.Parameter(torch.zeros(cfg.max_frames, cfg.dim))  # [F_max, D]
+        # which group in time: the decoder's cross-attention sees the groups' tokens as a
+        # set, so each group's latents start from its own place in the clip
+        self.group_embed = nn.Parameter(torch.zeros(self.groups(cfg.max_frames), cfg.dim))
         self.latents = nn.Parameter(torch.zeros(cfg.n_latents, cfg.dim))  # [L, D]
         self.layers = nn.ModuleList(
             PerceiverLayer(cfg.dim, cfg.n_heads, cfg.hidden_dim, cfg.norm_eps)
@@ -112,8 +115,10 @@ class TemporalAggregator(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        nn.init.normal_(self.frame_embed, std=std)
-        nn.init.normal_(self.latents, std=1.0)  # unit scale, like the tokens they meet
+        # all small: the tokens out (normed) are then mostly what the latents read from the
+        # frames, not their own starting values
+        for start in (self.frame_embed, self.group_embed, self.latents):
+            nn.init.normal_(start, std=std)
 
     def groups(self, n_frames: int) -> int:
         return math.ceil(n_frames / self.config.frames_per_group)
@@ -139,7 +144,13 @@ class TemporalAggregator(nn.Module):
         mask = F.pad(frame_mask, (0, pad), value=False)  # [B, S*G]
         x = x.reshape(B * S, G * N, D)  # the group's frames' tokens in time order
         key_mask = mask.reshape(B * S, G, 1).expand(-1, -1, N).reshape(B * S, G * N)
-        latents = self.latents.to(x.dtype).expand(B * S, -1, -1)  # [B*S, L, D]
+        # each group's latents start from its mean frame (over its real frames, the N tokens
+        # pooled to L), so a fresh aggregator already passes on what the frames show
+        real = mask.view(B * S, G, 1, 1).to(x.dtype)
+        mean_frame = (x.view(B * S, G, N, D) * real).sum(1) / real.sum(1).clamp(min=1)
+        pooled = F.adaptive_avg_pool1d(mean_frame.transpose(1, 2), cfg.n_latents)  # [B*S, D, L]
+        start = self.latents[None] + self.group_embed[:S, None]  # [S, L, D]
+        latents = pooled.transpose(1, 2) + start.to(x.dtype).repeat(B, 1, 1)  # [B*S, L, D]
         for layer in self.layers:
             latents = layer(latents, x, key_mask)
         tokens = self.norm(latents).view(B, S, cfg.n_latents, D)  # [B, S, L, D]

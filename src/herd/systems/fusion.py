@@ -415,9 +415,10 @@ class FusionSystem(HerdSystem):
 
     def lr_multipliers(self) -> dict[str, float]:
         hp = self.hparams
-        gates = {  # the cross-attention's gates, found by type
-            f"model.cross_attention.{name}.gate": hp.gate_lr_multiplier
-            for name, module in (self.model.cross_attention or nn.Module()).named_modules()
+        gates = {  # the image and video cross-attention's gates, found by type
+            f"model.{part}.{name}.gate": hp.gate_lr_multiplier
+            for part in ("cross_attention", "video_cross_attention")
+            for name, module in (getattr(self.model, part) or nn.Module()).named_modules()
             if isinstance(module, TanhGate)
         }
         return {
