@@ -4,8 +4,10 @@ and where the video cross-attention layers go.
     frames [B, F, C, H, W] (frame_mask [B, F]) -> ImageEncoder, frame by frame -> [B, F, N, D]
         -> + a learned embedding of each frame's index (cross-attention has no positions)
         -> groups of G consecutive frames [B * F/G, G * N, D]
-        -> TemporalAggregator: L learned latents cross-attend over the group's tokens
-           (and themselves), a perceiver resampler -> video tokens [B, F/G, L, D]
+        -> TemporalAggregator: L latents cross-attend over the group's tokens (and
+           themselves), a perceiver resampler -> video tokens [B, F/G, L, D]; each group's
+           latents start from its mean frame (pooled to L tokens) plus a learned latent
+           and a learned embedding of the group's place in time
         -> GatedCrossAttention layers, one before every k-th image cross-attention layer
 
 The Llama 3 paper merges 32 frames into one and reads up to 64 frames; the digits world's
