@@ -50,3 +50,23 @@ def test_a_failed_stage_stops_the_recipe_naming_it(tmp_path, monkeypatch, capsys
         recipe.main(["--run-dir", str(tmp_path), "--stages", "vision"])
     assert exit_info.value.code == 1
     assert "Stage vision failed (exit 3)" in capsys.readouterr().err
+
+
+def test_seed_reaches_every_stage_and_a_stage_override_wins(tmp_path, monkeypatch):
+    commands = {}
+
+    class Done:
+        returncode = 0
+
+    def fake_run(command, *args, **kwargs):
+        stage_dir = next(c for c in command if c.startswith("hydra.run.dir=")).split("=", 1)[1]
+        commands[stage_dir.rsplit("/", 1)[-1]] = command
+        return Done()
+
+    monkeypatch.setattr(recipe.subprocess, "run", fake_run)
+    monkeypatch.setattr(recipe, "best_checkpoint", lambda stage_dir: stage_dir / "last.ckpt")
+    recipe.main(["--run-dir", str(tmp_path), "--seed", "7", "vision:seed=3"])
+    assert set(commands) == set(recipe.STAGES)
+    for stage, command in commands.items():
+        seeds = [c for c in command if c.startswith("seed=")]
+        assert seeds[-1] == ("seed=3" if stage == "vision" else "seed=7"), (stage, seeds)

@@ -14,6 +14,7 @@ import soundfile as sf
 import torch
 
 from herd.data.audio import SpecAugment, read_audio
+from herd.data.make_speech_corpus import plan_clips
 from herd.data.numbers import (
     ENGLISH_CHARACTERS,
     MIN_WORDS,
@@ -21,7 +22,6 @@ from herd.data.numbers import (
     number_to_english,
     number_to_german,
 )
-from herd.data.make_speech_corpus import plan_clips
 from herd.data.speech import DIGITS_MANIFEST, CharVocabulary, SpeechDataModule, collate_clips
 from herd.errors import ConfigError, DataError
 from herd.models.speech import (

@@ -11,6 +11,7 @@ of the best checkpoints of the three before it. `make train` runs this.
                                                   # stages are kept, a cut stage resumes
     herd-recipe fusion:finetune=lora speech:trainer.max_steps=600   # per-stage overrides
     herd-recipe --stages vision,fusion ...        # some stages (the others must be in DIR)
+    herd-recipe --seed 1                          # every stage's seed (default: train.yaml's)
 
 `tensorboard --logdir DIR` shows every stage side by side; DIR/metrics.json gathers every
 stage's final metrics under `{stage}.{split}/{name}` keys.
@@ -105,12 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}"
     )
+    parser.add_argument(
+        "--seed", type=int, help="every stage's seed (default: each experiment's own, 42)"
+    )
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"--stages names unknown stage(s) {unknown}; stages are {list(STAGES)}.")
     overrides = parse_overrides(args.overrides)
+    if args.seed is not None:  # first, so that a STAGE:seed=N override still wins
+        overrides = {stage: [f"seed={args.seed}", *extra] for stage, extra in overrides.items()}
     log_dir = Path(os.environ.get("HERD_LOG_DIR", "logs"))
     run_dir = args.run_dir or log_dir / "recipe" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     run_dir.mkdir(parents=True, exist_ok=True)

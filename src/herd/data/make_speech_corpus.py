@@ -170,9 +170,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument(
-        "--keep", action="store_true", help="render only clips missing from --out"
-    )
+    parser.add_argument("--keep", action="store_true", help="render only clips missing from --out")
     args = parser.parse_args()
     if args.out.exists() and not args.keep:
         for old in args.out.glob("*/*.flac"):  # no stale clips from an earlier, larger plan
