@@ -331,3 +331,59 @@ def test_video_gates_learn_at_the_gate_rate_and_finetune_video_trains_only_the_a
     assert gates and all(scaled[id(g)] == 30.0 for g in gates)
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"video_aggregator", "video_cross_attention"}
+
+
+def test_a_fusion_checkpoint_without_video_gains_the_adapter_its_layers_copied_from_image(
+    tmp_path,
+):
+    """model.init_from=FUSION.ckpt with model.video: every weight of the source, a fresh
+    aggregator, and (init=image) video cross-attention layers that start as the image ones
+    they precede, gates closed, so the model still computes the source's outputs."""
+    import lightning as L
+
+    from herd.data.tokenizer import VIDEO
+    from herd.systems.fusion import FusionSystem
+
+    context = {"max_seq_len": 128, "rope_scaling": None}
+    vision = {"encoder": {"patch_size": 8, "feature_layers": [0], "lm_dim": 64}}
+    torch.manual_seed(0)
+    source = FusionSystem(
+        language={"llama": {"flavor": "tiny", **context}, "tokenizer": "herd_bpe"},
+        vision=vision,
+        cross_attention_every=1,
+    )
+    with torch.no_grad():  # a trained-looking source: open gates, moved weights
+        for p in source.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(source)
+    trainer.save_checkpoint(tmp_path / "fusion.ckpt")
+
+    video = {"frames_per_group": 2, "n_latents": 2, "n_layers": 1, "n_heads": 2, "every": 2}
+    for init in ("random", "image"):
+        gained = FusionSystem(
+            language={"llama": context},
+            init_from=str(tmp_path / "fusion.ckpt"),
+            video={**video, "init": init},
+        ).eval()
+        model = gained.model
+        assert model.video_aggregator is not None and list(model.video_cross_attention) == ["1"]
+        theirs = source.model.state_dict()
+        for k, v in model.state_dict().items():
+            assert not k.startswith("video_") or k not in theirs
+            assert k.startswith("video_") or torch.equal(v, theirs[k]), k
+        copied = model.video_cross_attention["1"].state_dict()
+        image = source.model.cross_attention["1"].state_dict()
+        same = [torch.equal(copied[k], image[k]) for k in image if not k.endswith("_gate.gate")]
+        assert all(same) if init == "image" else not any(same)
+        assert [float(v) for k, v in copied.items() if k.endswith("_gate.gate")] == [0.0, 0.0]
+        tokens = torch.tensor([[5, gained.tokenizer.special_ids[VIDEO], 300, 301]])
+        clip = torch.rand(1, 1, 4, 1, 32, 32) * 2 - 1
+        with torch.no_grad():  # closed video gates: the source's outputs
+            torch.testing.assert_close(model(tokens, videos=clip), source.model.eval()(tokens))
+    with pytest.raises(ConfigError, match="model.video.init='imag'"):
+        FusionSystem(
+            language={"llama": context},
+            init_from=str(tmp_path / "fusion.ckpt"),
+            video={**video, "init": "imag"},
+        )

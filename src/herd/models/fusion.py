@@ -95,6 +95,16 @@ class FusionModel(nn.Module):
         self.video_aggregator = video_aggregator
         self.video_cross_attention = video_cross_attention
 
+    @torch.no_grad()
+    def video_cross_attention_from_image(self) -> None:
+        """Each video cross-attention layer becomes a copy of the image cross-attention layer
+        it runs before (both read the image encoder's projected tokens), with its gates
+        closed again, so the model still computes what it did without video."""
+        for layer, video_layer in self.video_cross_attention.items():
+            video_layer.load_state_dict(self.cross_attention[layer].state_dict())
+            video_layer.attn_gate.gate.zero_()
+            video_layer.mlp_gate.gate.zero_()
+
     def placeholder_ids(self) -> list[int]:
         """The media placeholder tokens (image, speech, video) in the decoder's vocabulary."""
         ids = (self.image_token_id, self.speech_token_id, self.video_token_id)

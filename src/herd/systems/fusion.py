@@ -75,10 +75,14 @@ class FusionSystem(HerdSystem):
         init_from: a FusionSystem checkpoint, or a herd-export directory of one
             (herd.systems.fusion_export), to start from: its architecture (language, vision,
             speech, cross_attention_every replace this config's) and weights, with this
-            run's context (e.g. a fusion_digits model continued on review documents).
+            run's context (e.g. a fusion_digits model continued on review documents). A
+            source without video gains this run's `video` adapter, fresh.
         video: the video adapter, {TemporalAggregatorConfig fields besides dim, "every":
-            a video cross-attention layer ahead of every k-th image one}, or null for none
-            (herd.models.video; frames go through the image encoder).
+            a video cross-attention layer ahead of every k-th image one, "init": "random"
+            or "image" (each video cross-attention layer starts as a copy of the image one
+            it precedes, gates closed: with init_from, layers that already read the image
+            encoder's tokens)}, or null for none (herd.models.video; frames go through the
+            image encoder).
     Checkpoints of this system rebuild every part from the resolved configs recorded here,
     so they load without the stage checkpoints they started from.
     """
@@ -129,7 +133,8 @@ class FusionSystem(HerdSystem):
                 "tokenizer": trained.language["tokenizer"],
             }
             vision, speech = trained.vision, trained.speech
-            video = self.hparams.video = trained.get("video")
+            # a source without video gains this run's video adapter (fresh, loaded below)
+            video = self.hparams.video = trained.get("video") or video
             cross_attention_every = trained.cross_attention_every
             self.hparams.cross_attention_every = cross_attention_every
         if source is not None:
@@ -196,6 +201,11 @@ class FusionSystem(HerdSystem):
                 f"Llama 3.2 Vision weights expect it at {released.image_token_id}."
             )
         rows = decoder.embed_tokens.num_embeddings
+        if video and video.get("init", "random") not in ("random", "image"):
+            raise ConfigError(
+                f"model.video.init={video['init']!r}: use random or image (the video "
+                "cross-attention starts as a copy of the image cross-attention)."
+            )
         if video and special.get(VIDEO, rows) >= rows:
             raise ConfigError(
                 f"The decoder's vocabulary ({rows} rows) has no <|video|> token (tokenizer "
@@ -213,11 +223,20 @@ class FusionSystem(HerdSystem):
             speech_augment=SpecAugment(**spec_augment) if spec_augment else None,
             cross_attention=cross_attention,
             video_token_id=special.get(VIDEO),
-            video=video,
+            video={k: v for k, v in video.items() if k != "init"} if video else None,
         )
+        source_video = source is not None and source.model.video_aggregator is not None
         if source is not None:
-            self.model.load_state_dict(source.model.state_dict())  # strict: same architecture
+            if source_video or not video:
+                self.model.load_state_dict(source.model.state_dict())  # strict: same architecture
+            else:  # the video adapter is this run's own; every other weight is the source's
+                missing, unexpected = self.model.load_state_dict(
+                    source.model.state_dict(), strict=False
+                )
+                assert not unexpected and all(k.startswith("video_") for k in missing)
             self.hparams.init_from = None  # the weights now live in this run's checkpoints
+        if video and video.get("init", "random") == "image" and not source_video and exported is None:
+            self.model.video_cross_attention_from_image()  # a fresh adapter only
         if exported is not None:  # the decoder came from its directory above
             missing, unexpected = self.model.load_state_dict(exported, strict=False)
             missing = [k for k in missing if not k.startswith("decoder.")]
