@@ -235,7 +235,12 @@ class FusionSystem(HerdSystem):
                 )
                 assert not unexpected and all(k.startswith("video_") for k in missing)
             self.hparams.init_from = None  # the weights now live in this run's checkpoints
-        if video and video.get("init", "random") == "image" and not source_video and exported is None:
+        if (
+            video
+            and video.get("init", "random") == "image"
+            and not source_video
+            and exported is None
+        ):
             self.model.video_cross_attention_from_image()  # a fresh adapter only
         if exported is not None:  # the decoder came from its directory above
             missing, unexpected = self.model.load_state_dict(exported, strict=False)
