@@ -23,8 +23,9 @@ test: $(STAMP)  ## the whole test suite
 test-fast: $(STAMP)  ## skip the tests that train models
 	$(BIN)/pytest -q -m "not slow" $(ARGS)
 
-speech-corpus: $(STAMP)  ## regenerate src/herd/assets/speech (needs: apt-get install espeak-ng)
+speech-corpus: $(STAMP)  ## regenerate src/herd/assets/speech and its CTC units (needs: apt-get install espeak-ng)
 	$(BIN)/python -m herd.data.make_speech_corpus
+	$(BIN)/python -m herd.data.ctc_units
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -14,6 +14,7 @@ import soundfile as sf
 import torch
 
 from herd.data.audio import SpecAugment, read_audio
+from herd.data.ctc_units import CharUnits, SubwordUnits, load_ctc_units, normalise_transcript
 from herd.data.make_speech_corpus import plan_clips
 from herd.data.numbers import (
     ENGLISH_CHARACTERS,
@@ -22,7 +23,7 @@ from herd.data.numbers import (
     number_to_english,
     number_to_german,
 )
-from herd.data.speech import DIGITS_MANIFEST, CharVocabulary, SpeechDataModule, collate_clips
+from herd.data.speech import DIGITS_MANIFEST, SpeechDataModule, collate_clips
 from herd.errors import ConfigError, DataError
 from herd.models.speech import (
     SpeechAdapter,
@@ -165,12 +166,7 @@ def test_padding_never_changes_the_real_frames():
     encoder = SpeechEncoder(SpeechEncoderConfig(**SMALL_ENCODER)).eval()
     adapter = SpeechAdapter(SpeechAdapterConfig(encoder_dim=64, lm_dim=32, dim=64)).eval()
     short, long = torch.randn(23_456), torch.randn(41_000)
-    batch = collate_clips(
-        [
-            {"waveform": w, "targets": torch.zeros(1, dtype=torch.long), "text": ""}
-            for w in (short, long)
-        ]
-    )
+    batch = collate_clips([{"waveform": w, "text": ""} for w in (short, long)])
     with torch.no_grad():
         alone_hidden, alone_lengths = encoder(short[None], torch.tensor([len(short)]))
         alone, n = adapter(alone_hidden, alone_lengths)
@@ -196,21 +192,106 @@ def test_config_validation():
 
 
 def test_ctc_greedy_decoding_of_a_known_alignment():
-    vocab = CharVocabulary()
-    b, a, space = vocab.index["b"], vocab.index["a"], vocab.index[" "]
+    units = CharUnits()
+    b, a, space = units.index["b"], units.index["a"], units.index[" "]
     # frames: b b _ a a _ a space _ b   (blank = 0); the last two frames are padding
     path = [b, b, 0, a, a, 0, a, space, 0, b, a, a]
-    log_probs = torch.full((1, len(path), vocab.vocab_size), -10.0)
+    log_probs = torch.full((1, len(path), units.vocab_size), -10.0)
     log_probs[0, torch.arange(len(path)), torch.tensor(path)] = 0.0
     ids = ctc_greedy_decode(log_probs, torch.tensor([10]))
-    assert vocab.decode(ids[0]) == "baa b"
+    assert units.decode(ids[0]) == "baa b"
 
 
-def test_vocabulary_normalises_and_round_trips():
-    vocab = CharVocabulary()
-    assert vocab.vocab_size == 29 and vocab.blank_id == 0
-    assert vocab.normalise("It's  Forty-Two!") == "it's forty two"
-    assert vocab.decode(vocab.encode("three one four")) == "three one four"
+def test_character_units_normalise_and_round_trip():
+    units = load_ctc_units("chars")
+    assert units.vocab_size == 29 and units.blank_id == 0
+    assert normalise_transcript("It's  Forty-Two!") == "it's forty two"
+    # the ids of checkpoints trained before subword units existed: blank, space, ', a, b, c
+    assert units.encode("ab c'") == [3, 4, 1, 5, 2]
+    assert units.decode(units.encode("three one four")) == "three one four"
+
+
+def corpus_train_words() -> set[str]:
+    records = [json.loads(line) for line in DIGITS_MANIFEST.read_text().splitlines()]
+    return {w for r in records if r["split"] == "train" for w in r["text"].split()}
+
+
+def test_bundled_subword_units_make_every_corpus_word_one_unit():
+    units = load_ctc_units("speech_digits_bpe")
+    assert isinstance(units, SubwordUnits) and units.blank_id == 0
+    words = corpus_train_words()
+    assert len(words) > 50
+    for word in words:
+        assert len(units.encode(word)) == 1, word
+        assert units.decode(units.encode(word)) == word
+    text = "He is NINETY-nine years old"
+    assert units.encode(text) == [units.encode(w)[0] for w in normalise_transcript(text).split()]
+    assert units.decode(units.encode(text)) == "he is ninety nine years old"
+    # a word the corpus never says is still spelt, letter by letter
+    assert units.decode(units.encode("quiz jam")) == "quiz jam"
+    assert len(units.encode("quiz")) > 1
+
+
+@pytest.mark.slow
+def test_bundled_subword_units_are_the_fit_of_the_training_transcripts(tmp_path):
+    from herd.data.ctc_units import BUNDLED, main
+
+    out = tmp_path / "units.json"
+    main(["--out", str(out)])
+    bundled = load_ctc_units("speech_digits_bpe").tokenizer.get_vocab()
+    refit = SubwordUnits(out).tokenizer.get_vocab()
+    assert refit == bundled and BUNDLED["speech_digits_bpe"].endswith(".json")
+
+
+def test_units_fitted_to_a_users_manifest(manifest_dir):
+    lines = [
+        {"audio": "a.wav", "text": "zebra zebra quiz", "split": "train"},
+        {"audio": "b.wav", "text": "Zebra, quiz!", "split": "train"},
+        {"audio": "c.wav", "text": "held out words", "split": "val"},
+    ]
+    manifest = manifest_dir / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from herd.data.ctc_units import main
+
+    main(["--manifest", str(manifest), "--out", str(manifest_dir / "u.json")])
+    units = load_ctc_units(str(manifest_dir / "u.json"))
+    assert [len(units.encode(w)) for w in ("zebra", "quiz")] == [1, 1]
+    assert len(units.encode("held")) > 1  # fitted on the training split only
+    assert units.decode(units.encode("held out words")) == "held out words"
+
+
+def test_bad_units_file_is_refused_with_the_fix(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    with pytest.raises(ConfigError, match=r"CTC units file .*nope.json does not exist"):
+        SpeechSystem(ctc_units=str(tmp_path / "nope.json"), encoder=SMALL_ENCODER)
+    no_blank = tmp_path / "no_blank.json"
+    Tokenizer(models.BPE(vocab={"a": 0, "<blank>": 1}, merges=[])).save(str(no_blank))
+    with pytest.raises(ConfigError, match=r"no_blank.json does not have <blank> at id 0"):
+        load_ctc_units(str(no_blank))
+    few_letters = tmp_path / "few_letters.json"
+    Tokenizer(models.BPE(vocab={"<blank>": 0, "a": 1}, merges=[])).save(str(few_letters))
+    with pytest.raises(ConfigError, match=r"few_letters.json cannot spell \"'bcd"):
+        load_ctc_units(str(few_letters))
+
+
+@pytest.mark.parametrize("spec", ["chars", "speech_digits_bpe"])
+def test_the_system_encodes_transcripts_into_ctc_targets(spec):
+    system = SpeechSystem(ctc_units=spec, encoder=SMALL_ENCODER)
+    assert system.ctc_head.out_features == system.units.vocab_size
+    targets, lengths = system.targets(["nine one", "seven"])
+    assert targets.shape == (2, lengths.max().item())
+    assert lengths.tolist() == ([8, 5] if spec == "chars" else [2, 1])
+    assert targets[1, lengths[1] :].eq(system.units.blank_id).all()  # padding is the blank
+    decoded = [
+        system.units.decode(row[:n].tolist()) for row, n in zip(targets, lengths, strict=True)
+    ]
+    assert decoded == ["nine one", "seven"]
+    waves = torch.randn(2, 16_000)
+    loss, log_probs, _ = system.loss(
+        {"waveforms": waves, "wave_lengths": torch.tensor([16_000, 12_000]), "texts": ["a", "b"]}
+    )
+    assert torch.isfinite(loss) and log_probs.shape[-1] == system.units.vocab_size
 
 
 def test_word_and_character_error_rates_on_known_strings():
@@ -300,7 +381,7 @@ def test_experiment_composes_to_the_speech_stage(tmp_path):
 @pytest.mark.slow
 def test_short_speech_run_learns_and_reloads(tmp_path):
     """A real CTC run on the embedded corpus: the loss falls clearly, metrics.json has WER and
-    CER, and the checkpoint reopens weights-only with the encoder as `.model`."""
+    CER, and the checkpoint reopens weights-only with the encoder as `.model` and its units."""
     from herd.systems.common import load_system
     from herd.train import train
 
@@ -336,6 +417,10 @@ def test_short_speech_run_learns_and_reloads(tmp_path):
 
     system = load_system(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert isinstance(system, SpeechSystem) and isinstance(system.model, SpeechEncoder)
+    # the experiment's word units come back with the checkpoint and fit its head
+    assert system.hparams.ctc_units == "speech_digits_bpe"
+    assert isinstance(system.units, SubwordUnits)
+    assert system.ctc_head.out_features == system.units.vocab_size
     wave = torch.randn(1, 16_000)
     hidden, lengths = system.model.eval()(wave, torch.tensor([16_000]))
     assert hidden.shape == (1, 24, SMALL_ENCODER["dim"]) and lengths.tolist() == [24]

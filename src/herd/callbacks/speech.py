@@ -29,16 +29,7 @@ class SpeechSamples(L.Callback):
         if not loggers or datamodule is None or not hasattr(datamodule, "sample_clips"):
             return
         clips = datamodule.sample_clips(self.num_clips)
-        batch = collate_clips(
-            [
-                {
-                    "waveform": c.waveform,
-                    "targets": torch.zeros(0, dtype=torch.long),
-                    "text": c.text,
-                }
-                for c in clips
-            ]
-        )
+        batch = collate_clips([{"waveform": c.waveform, "text": c.text} for c in clips])
         hypotheses = pl_module.transcribe(batch["waveforms"], batch["wave_lengths"])
         self.last_transcripts = [(c.text, h) for c, h in zip(clips, hypotheses, strict=True)]
         with torch.no_grad():

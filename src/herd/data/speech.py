@@ -6,8 +6,8 @@
                        relative to the manifest; an optional "split" (train|val|test) on every
                        line fixes the splits, otherwise a hash of the path picks them
 
-Transcripts are normalised to the character vocabulary (lower case a-z, space, apostrophe;
-anything else becomes a space). Every clip is decoded once, at setup, and kept in memory.
+Transcripts are normalised (lower case a-z, apostrophe, single spaces; anything else becomes
+a space); the system encodes them into its CTC units (herd.data.ctc_units). Every clip is decoded once, at setup, and kept in memory.
 A missing, empty or undecodable file, or a clip longer than `max_seconds`, raises
 herd.errors.DataError naming the manifest line and the file, or with skip_bad_samples=true
 is skipped and counted in a warning.
@@ -15,7 +15,6 @@ is skipped and counted in a warning.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from herd.data.audio import SAMPLE_RATE, audio_duration, read_audio, speed_perturb
 from herd.data.base import HerdDataModule, check_source
+from herd.data.ctc_units import normalise_transcript
 from herd.data.manifest import read_jsonl_manifest
 from herd.data.sampling import draw_key, length_bucket_train_batches
 from herd.data.splits import SPLITS, hash_split
@@ -35,31 +35,6 @@ from herd.utils.rng import sample_rng
 
 DIGITS_MANIFEST = Path(__file__).resolve().parents[1] / "assets" / "speech" / "manifest.jsonl"
 SOURCES = ("digits", "manifest")
-
-
-class CharVocabulary:
-    """CTC output symbols: 0 is the blank, then space, apostrophe, a-z."""
-
-    blank_id = 0
-    symbols = ("<blank>", " ", "'", *"abcdefghijklmnopqrstuvwxyz")
-
-    def __init__(self):
-        self.index = {ch: i for i, ch in enumerate(self.symbols) if i != self.blank_id}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.symbols)
-
-    def normalise(self, text: str) -> str:
-        """Lower case; characters outside the vocabulary become spaces; spaces collapsed."""
-        text = "".join(ch if ch in self.index else " " for ch in text.lower())
-        return re.sub(" +", " ", text).strip()
-
-    def encode(self, text: str) -> list[int]:
-        return [self.index[ch] for ch in self.normalise(text)]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.symbols[i] for i in ids if i != self.blank_id)
 
 
 @dataclass
@@ -72,7 +47,6 @@ class Clip:
 
 def read_speech_manifest(
     path: str | Path,
-    vocabulary: CharVocabulary,
     max_seconds: float,
     skip_bad: bool = False,
     sample_rate: int = SAMPLE_RATE,
@@ -80,22 +54,20 @@ def read_speech_manifest(
     """Clips of a JSONL manifest. Bad lines raise DataError("MANIFEST, line N: reason.")."""
 
     def parse(record: dict, root: Path) -> Clip:
-        return _read_clip(record, root, vocabulary, max_seconds, sample_rate)
+        return _read_clip(record, root, max_seconds, sample_rate)
 
     return [clip for clip, _ in read_jsonl_manifest(path, parse, skip_bad, "audio clips")]
 
 
-def _read_clip(
-    record: dict, root: Path, vocabulary: CharVocabulary, max_seconds: float, sample_rate: int
-) -> Clip:
+def _read_clip(record: dict, root: Path, max_seconds: float, sample_rate: int) -> Clip:
     audio, text = record.get("audio"), record.get("text")
     if not isinstance(audio, str) or not audio:
         raise ValueError('missing a string "audio" field')
     if not isinstance(text, str):
         raise ValueError('missing a string "text" field')
-    normalised = vocabulary.normalise(text)
+    normalised = normalise_transcript(text)
     if not normalised:
-        raise ValueError(f'"text" {text!r} has no characters of the vocabulary (a-z, space, \')')
+        raise ValueError(f'"text" {text!r} has no letters (a-z or \')')
     split = record.get("split")
     if split is not None and split not in SPLITS:
         raise ValueError(f'"split" must be one of {list(SPLITS)}, got {split!r}')
@@ -127,18 +99,17 @@ def split_of(clip: Clip, val_fraction: float, test_fraction: float) -> str:
 
 
 class ClipDataset(Dataset):
-    """Clips -> {"waveform", "targets", "text"}; training copies can be speed-perturbed, at a
+    """Clips -> {"waveform", "text"}; training copies can be speed-perturbed, at a
     factor drawn from (seed, the sample's place in the training stream): the same after a
     resume and in any DataLoader worker."""
 
     def __init__(
         self,
         clips: list[Clip],
-        vocabulary: CharVocabulary,
         speed_factors: tuple[float, ...] = (),
         seed: int = 0,
     ):
-        self.clips, self.vocabulary = clips, vocabulary
+        self.clips = clips
         self.speed_factors = tuple(speed_factors)
         self.seed = seed
 
@@ -153,18 +124,15 @@ class ClipDataset(Dataset):
             waveform = speed_perturb(waveform, factor)
         return {
             "waveform": waveform,
-            "targets": torch.tensor(self.vocabulary.encode(clip.text), dtype=torch.long),
             "text": clip.text,
         }
 
 
 def collate_clips(items: list[dict]) -> dict:
-    """Pad waveforms and targets; lengths say where the real samples end."""
+    """Pad waveforms; lengths say where the real samples end."""
     return {
         "waveforms": pad_sequence([it["waveform"] for it in items], batch_first=True),  # [B, N]
         "wave_lengths": torch.tensor([len(it["waveform"]) for it in items]),  # [B]
-        "targets": pad_sequence([it["targets"] for it in items], batch_first=True),  # [B, S]
-        "target_lengths": torch.tensor([len(it["targets"]) for it in items]),  # [B]
         "texts": [it["text"] for it in items],
     }
 
@@ -207,8 +175,6 @@ class SpeechDataModule(HerdDataModule):
             raise ConfigError(
                 f"data.speed_perturb factors must lie in [0.5, 2.0], got {speed_perturb}."
             )
-        self.vocabulary = CharVocabulary()
-        self.tokenizer = self.vocabulary  # the name other stages use for "what maps text to ids"
         self.clips: dict[str, list[Clip]] = {}
 
     @property
@@ -220,7 +186,7 @@ class SpeechDataModule(HerdDataModule):
             return
         hp = self.hparams
         clips = read_speech_manifest(
-            self.manifest_path, self.vocabulary, hp.max_seconds, hp.skip_bad_samples, hp.sample_rate
+            self.manifest_path, hp.max_seconds, hp.skip_bad_samples, hp.sample_rate
         )
         self.clips = {name: [] for name in SPLITS}
         for clip in clips:
@@ -235,7 +201,7 @@ class SpeechDataModule(HerdDataModule):
             self.clips["test"] = self.clips["val"]
         for name, split_clips in self.clips.items():
             factors = tuple(hp.speed_perturb) if name == "train" else ()
-            self.datasets[name] = ClipDataset(split_clips, self.vocabulary, factors, hp.seed)
+            self.datasets[name] = ClipDataset(split_clips, factors, hp.seed)
 
     def collate_fn(self):
         return collate_clips
@@ -269,7 +235,6 @@ class SpeechDataModule(HerdDataModule):
 
 
 __all__ = [
-    "CharVocabulary",
     "Clip",
     "SpeechDataModule",
     "collate_clips",

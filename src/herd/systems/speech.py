@@ -1,12 +1,13 @@
-"""SpeechSystem: the Conformer speech encoder trained with CTC on characters, measured by WER.
+"""SpeechSystem: the Conformer speech encoder trained with CTC, measured by WER.
 
 The encoder (`self.model`, a herd.models.speech.SpeechEncoder) is what later stages reuse:
 
     encoder = SpeechSystem.load_from_checkpoint(path).model     # or herd.systems.load_system
     hidden, lengths = encoder(waveforms, wave_lengths)          # [B, T', D] at 40 ms, [B]
 
-The CTC head (a linear layer over the character vocabulary, blank = 0) belongs to this stage
-only and stays here.
+The CTC head (a linear layer over the CTC units, blank = 0: characters or fitted subwords, see
+herd.data.ctc_units) belongs to this stage only and stays here, and so do its units: the
+system encodes the batch's transcripts into CTC targets.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import MeanMetric
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from herd.data.audio import SpecAugment
-from herd.data.speech import CharVocabulary
+from herd.data.ctc_units import load_ctc_units
 from herd.models.speech import SpeechEncoder, SpeechEncoderConfig
 from herd.systems.common import HerdSystem, eval_mode
 from herd.utils.config import plain
@@ -46,6 +48,8 @@ class SpeechSystem(HerdSystem):
     """Owns training only; the architecture is `herd.models.speech.SpeechEncoder` (self.model).
 
     Args:
+        ctc_units: what the CTC head predicts: `chars`, `speech_digits_bpe` or a fitted
+            tokenizer.json (herd.data.ctc_units). Saved with the checkpoint's hyper-parameters.
         encoder: SpeechEncoderConfig fields (dim, n_layers, n_heads, ffn_dim, conv_kernel, ...).
         spec_augment: SpecAugment arguments (freq/time masks), applied in training only;
             null for none.
@@ -55,6 +59,7 @@ class SpeechSystem(HerdSystem):
 
     def __init__(
         self,
+        ctc_units: str = "chars",
         encoder: dict | None = None,
         spec_augment: dict | None = None,
         optimizer: dict | None = None,
@@ -64,9 +69,9 @@ class SpeechSystem(HerdSystem):
         encoder, spec_augment = plain(encoder) or {}, plain(spec_augment)
         optimizer, scheduler = plain(optimizer), plain(scheduler)
         self.save_hyperparameters()
-        self.vocabulary = CharVocabulary()
+        self.units = load_ctc_units(ctc_units)
         self.model = SpeechEncoder(SpeechEncoderConfig(**encoder))
-        self.ctc_head = nn.Linear(self.model.config.dim, self.vocabulary.vocab_size)
+        self.ctc_head = nn.Linear(self.model.config.dim, self.units.vocab_size)
         self.spec_augment = SpecAugment(**spec_augment) if spec_augment else nn.Identity()
         self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.wer = nn.ModuleDict({"val": WordErrorRate(), "test": WordErrorRate()})
@@ -81,15 +86,23 @@ class SpeechSystem(HerdSystem):
         hidden, lengths = self.model.encode(features, frame_lengths)  # [B, T', D]
         return F.log_softmax(self.ctc_head(hidden).float(), dim=-1), lengths
 
+    def targets(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transcripts -> CTC targets [B, S] (padded with the blank), their lengths [B]."""
+        encoded = [torch.tensor(self.units.encode(t), dtype=torch.long) for t in texts]
+        padded = pad_sequence(encoded, batch_first=True, padding_value=self.units.blank_id)
+        lengths = torch.tensor([len(ids) for ids in encoded])
+        return padded.to(self.device), lengths.to(self.device)
+
     def loss(self, batch: dict):
         log_probs, lengths = self.log_probs(batch["waveforms"], batch["wave_lengths"])
+        targets, target_lengths = self.targets(batch["texts"])
         loss = F.ctc_loss(
             log_probs.transpose(0, 1),  # [T', B, V]: ctc_loss's layout
-            batch["targets"],
+            targets,
             lengths,
-            batch["target_lengths"],
-            blank=self.vocabulary.blank_id,
-            reduction="mean",  # per target character, then over the batch
+            target_lengths,
+            blank=self.units.blank_id,
+            reduction="mean",  # per target unit, then over the batch
             zero_infinity=True,  # a clip too short for its transcript gives no gradient, not NaN
         )
         return loss, log_probs, lengths
@@ -103,8 +116,8 @@ class SpeechSystem(HerdSystem):
         return self.decode(log_probs, lengths)
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        ids = ctc_greedy_decode(log_probs, lengths, self.vocabulary.blank_id)
-        return [" ".join(self.vocabulary.decode(seq).split()) for seq in ids]
+        ids = ctc_greedy_decode(log_probs, lengths, self.units.blank_id)
+        return [" ".join(self.units.decode(seq).split()) for seq in ids]
 
     # -- steps ------------------------------------------------------------------------------
 
