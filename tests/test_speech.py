@@ -294,6 +294,30 @@ def test_the_system_encodes_transcripts_into_ctc_targets(spec):
     assert torch.isfinite(loss) and log_probs.shape[-1] == system.units.vocab_size
 
 
+def test_an_auxiliary_ctc_head_trains_beside_the_decoded_one():
+    torch.manual_seed(0)
+    words = SpeechSystem(ctc_units="speech_digits_bpe", encoder=SMALL_ENCODER).eval()
+    torch.manual_seed(0)  # the same encoder and decoded head: the auxiliary head comes after
+    both = SpeechSystem(
+        ctc_units="speech_digits_bpe",
+        aux_ctc_units="chars",
+        aux_ctc_weight=0.5,
+        encoder=SMALL_ENCODER,
+    ).eval()
+    assert both.aux_ctc_head.out_features == 29 and not hasattr(words, "aux_ctc_head")
+    waves, lengths = torch.randn(2, 16_000), torch.tensor([16_000, 12_000])
+    batch = {"waveforms": waves, "wave_lengths": lengths, "texts": ["nine one", "seven"]}
+    words_loss, words_log_probs, _ = words.loss(batch)
+    both_loss, both_log_probs, _ = both.loss(batch)
+    torch.testing.assert_close(both_log_probs, words_log_probs)  # decoding is unchanged
+    hidden, frames = both.encode(waves, lengths)
+    chars = torch.log_softmax(both.aux_ctc_head(hidden), dim=-1)
+    aux = both.ctc_loss(chars, frames, batch["texts"], both.aux_units)
+    torch.testing.assert_close(both_loss, words_loss + 0.5 * aux)
+    both_loss.backward()
+    assert both.aux_ctc_head.weight.grad.abs().sum() > 0
+
+
 def test_word_and_character_error_rates_on_known_strings():
     from torchmetrics.text import CharErrorRate, WordErrorRate
 

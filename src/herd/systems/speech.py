@@ -50,6 +50,10 @@ class SpeechSystem(HerdSystem):
     Args:
         ctc_units: what the CTC head predicts: `chars`, `speech_digits_bpe` or a fitted
             tokenizer.json (herd.data.ctc_units). Saved with the checkpoint's hyper-parameters.
+        aux_ctc_units: a second CTC head, over other units, on the same encoder states (e.g.
+            `chars` beside `speech_digits_bpe`), trained with weight `aux_ctc_weight` and never
+            decoded: it keeps in the states what those units need (spelling) for the stages
+            that read them. null: none.
         encoder: SpeechEncoderConfig fields (dim, n_layers, n_heads, ffn_dim, conv_kernel, ...).
         spec_augment: SpecAugment arguments (freq/time masks), applied in training only;
             null for none.
@@ -60,6 +64,8 @@ class SpeechSystem(HerdSystem):
     def __init__(
         self,
         ctc_units: str = "chars",
+        aux_ctc_units: str | None = None,
+        aux_ctc_weight: float = 0.5,
         encoder: dict | None = None,
         spec_augment: dict | None = None,
         optimizer: dict | None = None,
@@ -72,6 +78,9 @@ class SpeechSystem(HerdSystem):
         self.units = load_ctc_units(ctc_units)
         self.model = SpeechEncoder(SpeechEncoderConfig(**encoder))
         self.ctc_head = nn.Linear(self.model.config.dim, self.units.vocab_size)
+        self.aux_units = load_ctc_units(aux_ctc_units) if aux_ctc_units else None
+        if self.aux_units is not None:
+            self.aux_ctc_head = nn.Linear(self.model.config.dim, self.aux_units.vocab_size)
         self.spec_augment = SpecAugment(**spec_augment) if spec_augment else nn.Identity()
         self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.wer = nn.ModuleDict({"val": WordErrorRate(), "test": WordErrorRate()})
@@ -79,32 +88,48 @@ class SpeechSystem(HerdSystem):
 
     # -- model ------------------------------------------------------------------------------
 
-    def log_probs(self, waveforms: torch.Tensor, wave_lengths: torch.Tensor):
-        """-> CTC log-probabilities [B, T', V] (fp32), frame lengths [B]."""
+    def encode(self, waveforms: torch.Tensor, wave_lengths: torch.Tensor):
+        """-> encoder states [B, T', D], frame lengths [B] (SpecAugment in training only)."""
         features, frame_lengths = self.model.features(waveforms, wave_lengths)  # [B, T, 80]
         features = self.spec_augment(features)  # identity outside training
-        hidden, lengths = self.model.encode(features, frame_lengths)  # [B, T', D]
+        return self.model.encode(features, frame_lengths)  # [B, T', D]
+
+    def log_probs(self, waveforms: torch.Tensor, wave_lengths: torch.Tensor):
+        """-> CTC log-probabilities [B, T', V] (fp32), frame lengths [B]."""
+        hidden, lengths = self.encode(waveforms, wave_lengths)
         return F.log_softmax(self.ctc_head(hidden).float(), dim=-1), lengths
 
-    def targets(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transcripts -> CTC targets [B, S] (padded with the blank), their lengths [B]."""
-        encoded = [torch.tensor(self.units.encode(t), dtype=torch.long) for t in texts]
-        padded = pad_sequence(encoded, batch_first=True, padding_value=self.units.blank_id)
+    def targets(self, texts: list[str], units=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transcripts -> CTC targets [B, S] (padded with the blank), their lengths [B], in
+        `units` (default: the decoded head's)."""
+        units = units or self.units
+        encoded = [torch.tensor(units.encode(t), dtype=torch.long) for t in texts]
+        padded = pad_sequence(encoded, batch_first=True, padding_value=units.blank_id)
         lengths = torch.tensor([len(ids) for ids in encoded])
         return padded.to(self.device), lengths.to(self.device)
 
-    def loss(self, batch: dict):
-        log_probs, lengths = self.log_probs(batch["waveforms"], batch["wave_lengths"])
-        targets, target_lengths = self.targets(batch["texts"])
-        loss = F.ctc_loss(
+    def ctc_loss(self, log_probs, lengths, texts: list[str], units) -> torch.Tensor:
+        targets, target_lengths = self.targets(texts, units)
+        return F.ctc_loss(
             log_probs.transpose(0, 1),  # [T', B, V]: ctc_loss's layout
             targets,
             lengths,
             target_lengths,
-            blank=self.units.blank_id,
+            blank=units.blank_id,
             reduction="mean",  # per target unit, then over the batch
             zero_infinity=True,  # a clip too short for its transcript gives no gradient, not NaN
         )
+
+    def loss(self, batch: dict):
+        """CTC loss of the decoded head (plus the weighted auxiliary head's), its
+        log-probabilities [B, T', V] and frame lengths [B]."""
+        hidden, lengths = self.encode(batch["waveforms"], batch["wave_lengths"])
+        log_probs = F.log_softmax(self.ctc_head(hidden).float(), dim=-1)
+        loss = self.ctc_loss(log_probs, lengths, batch["texts"], self.units)
+        if self.aux_units is not None:
+            aux_log_probs = F.log_softmax(self.aux_ctc_head(hidden).float(), dim=-1)
+            aux = self.ctc_loss(aux_log_probs, lengths, batch["texts"], self.aux_units)
+            loss = loss + self.hparams.aux_ctc_weight * aux
         return loss, log_probs, lengths
 
     @torch.no_grad()
