@@ -441,10 +441,11 @@ def test_short_speech_run_learns_and_reloads(tmp_path):
 
     system = load_system(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert isinstance(system, SpeechSystem) and isinstance(system.model, SpeechEncoder)
-    # the experiment's word units come back with the checkpoint and fit its head
+    # the experiment's word units and auxiliary character head come back with the checkpoint
     assert system.hparams.ctc_units == "speech_digits_bpe"
     assert isinstance(system.units, SubwordUnits)
     assert system.ctc_head.out_features == system.units.vocab_size
+    assert isinstance(system.aux_units, CharUnits) and system.aux_ctc_head.out_features == 29
     wave = torch.randn(1, 16_000)
     hidden, lengths = system.model.eval()(wave, torch.tensor([16_000]))
     assert hidden.shape == (1, 24, SMALL_ENCODER["dim"]) and lengths.tolist() == [24]

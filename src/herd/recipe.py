@@ -33,7 +33,7 @@ from herd.utils.cli import report_errors
 from herd.utils.run import write_metrics_json
 
 # Each stage: the experiment it runs and what the recipe changes (on 2 CPU cores the four
-# stages together take 26-45 minutes, by whether the CPU computes bf16: experiments/fusion_recipe).
+# stages together take 24-45 minutes, by whether the CPU computes bf16: experiments/fusion_recipe).
 STAGES: dict[str, list[str]] = {
     "language": ["experiment=language_digits"],  # prose + number phrases, bf16 where native
     "vision": ["experiment=vision_digits"],
