@@ -400,6 +400,9 @@ def test_experiment_composes_to_the_speech_stage(tmp_path):
     assert cfg.model._target_ == "herd.systems.SpeechSystem"
     assert cfg.data._target_ == "herd.data.SpeechDataModule"
     assert cfg.callbacks.model_checkpoint.monitor == "val/wer"
+    # the recipe's speech stage: 1000 steps, word units with a character head beside them
+    assert cfg.trainer.max_steps == 1000 and cfg.trainer.val_check_interval == 250
+    assert (cfg.model.ctc_units, cfg.model.aux_ctc_units) == ("speech_digits_bpe", "chars")
 
 
 @pytest.mark.slow
