@@ -1,5 +1,5 @@
 """Speech stage: numbers text, the embedded corpus, audio I/O, encoder/adapter shapes and
-padding, CTC decoding and WER, bad-data errors, and a short real training run."""
+padding, CTC units, decoding and WER, bad-data errors, and a short real training run."""
 
 from __future__ import annotations
 

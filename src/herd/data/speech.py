@@ -7,7 +7,8 @@
                        line fixes the splits, otherwise a hash of the path picks them
 
 Transcripts are normalised (lower case a-z, apostrophe, single spaces; anything else becomes
-a space); the system encodes them into its CTC units (herd.data.ctc_units). Every clip is decoded once, at setup, and kept in memory.
+a space); the system encodes them into its CTC units (herd.data.ctc_units). Every clip is
+decoded once, at setup, and kept in memory.
 A missing, empty or undecodable file, or a clip longer than `max_seconds`, raises
 herd.errors.DataError naming the manifest line and the file, or with skip_bad_samples=true
 is skipped and counted in a warning.
