@@ -365,7 +365,7 @@ def seen_images(model, tokens, image_mask) -> list[list[int]]:
     """[T][I] 0/1: which images each text row of one sample may attend to."""
     spans = model.image_spans(tokens, image_mask)
     media = torch.zeros(1, image_mask.shape[1], 3, 64)  # [B, I, N, D]
-    _, sees = model.image_media(spans, image_mask, media, 0, tokens.shape[1])  # [1, T, I*N]
+    _, sees, _ = model.image_media(spans, image_mask, media, 0, tokens.shape[1])  # [1, T, I*N]
     return sees.view(tokens.shape[1], image_mask.shape[1], 3).all(dim=-1).int().tolist()
 
 
@@ -430,6 +430,30 @@ def test_padded_images_of_another_sample_change_nothing():
         together = model(batch["input_ids"], **inputs(batch))[:1, :T]
         single = model(alone["input_ids"], **inputs(alone))
     torch.testing.assert_close(together, single)
+
+
+def test_cross_attention_runs_only_on_the_samples_with_an_image():
+    # The layers skip samples without an image (a speed-up); with open gates every sample
+    # must still compute what it computes alone.
+    model = tiny_fusion(speech=False)
+    open_gates(model, 1.0)
+    seen = Example("image", "<|image|>which digit?", "seven", images=(torch.rand(1, 16, 16),))
+    text = Example("mt", "translate: four two", "vier zwei")
+    other = Example("image", "and <|image|>?", "one", images=(torch.rand(1, 16, 16),))
+    examples = [text, seen, text, other]
+    batch = batch_of(model, examples)
+    rows_seen = []
+    layer = next(iter(model.cross_attention.values()))
+    layer.register_forward_hook(lambda module, args, out: rows_seen.append(out.shape[0]))
+    with torch.no_grad():
+        together = model(batch["input_ids"], **inputs(batch))
+    assert rows_seen == [2]  # the two samples with an image, not all four
+    with torch.no_grad():
+        for b, example in enumerate(examples):
+            alone = batch_of(model, [example])
+            T = alone["input_ids"].shape[1]
+            single = model(alone["input_ids"], **inputs(alone))
+            torch.testing.assert_close(together[b : b + 1, :T], single)
 
 
 def test_several_clips_splice_in_order_and_a_missing_clip_is_an_error():

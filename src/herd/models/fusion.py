@@ -196,10 +196,11 @@ class FusionModel(nn.Module):
         media: torch.Tensor,  # [B, I, N, D]
         start: int,  # absolute position of the first text token (cached decoding)
         length: int,  # text tokens in this call
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(media [B, I*N, D], mask [B, T, I*N]): token t sees image i when i is real and t
-        lies in the image's span [first, end); of the image's N tokens, those the encoder
-        marks real (`token_mask`; the release's padding tiles are not)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(media [B, I*N, D], mask [B, T, I*N], samples [B]): token t sees image i when i is
+        real and t lies in the image's span [first, end); of the image's N tokens, those the
+        encoder marks real (`token_mask`; the release's padding tiles are not); `samples`
+        marks the samples with a real image."""
         return media_rows(spans, image_mask, media, self.image_encoder.token_mask, start, length)
 
     def image_spans(
@@ -246,17 +247,31 @@ class FusionModel(nn.Module):
         self, image: tuple | None, video: tuple | None = None
     ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
         """{decoder layer: f} running, before that layer, its video cross-attention layer
-        (if any) and then its image one, on (media, mask) pairs from *_rows."""
+        (if any) and then its image one, on (media, mask, samples) from media_rows.
+
+        A cross-attention layer is the identity on a sample without the medium (its rows
+        see nothing, and its media are zeros, which even `blind_rows_attend_all` reads as a
+        zero update), so it runs on the samples that have one only. In the digits mixture
+        one sample in ten has an image, and running the layers on every row cost ~40% of
+        the decoder's time (experiments/fusion_recipe)."""
         runs: dict[int, list] = {}
-        for media_and_mask, layers in (
+        for media_rows_, layers in (
             (video, self.video_cross_attention),
             (image, self.cross_attention),
         ):
-            if media_and_mask is None:
+            if media_rows_ is None:
                 continue
-            media, mask = media_and_mask
+            media, mask, samples = media_rows_
+            if not bool(samples.any()):
+                continue
+            rows = None if bool(samples.all()) else samples.nonzero().squeeze(1)  # [B']
+            if rows is not None:
+                media, mask = media[rows], mask[rows]
             for i, layer in layers.items():
-                runs.setdefault(int(i), []).append(partial(layer, media=media, media_mask=mask))
+                f = partial(layer, media=media, media_mask=mask)
+                runs.setdefault(int(i), []).append(
+                    f if rows is None else partial(_on_rows, f, rows)
+                )
         return {i: partial(_in_turn, fs) for i, fs in runs.items()}
 
     # -- forward ---------------------------------------------------------------------------
@@ -381,9 +396,10 @@ def media_rows(
     token_mask: torch.Tensor | None,  # [N] or [B, I, N] bool: which of a medium's tokens are real
     start: int,  # absolute position of the first text token (cached decoding)
     length: int,  # text tokens in this call
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(media [B, I*N, D], mask [B, T, I*N]): token t sees medium i when i is real and t lies
-    in its span [first, end), and of its N tokens the real ones."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(media [B, I*N, D], mask [B, T, I*N], samples [B]): token t sees medium i when i is
+    real and t lies in its span [first, end), and of its N tokens the real ones; `samples`
+    marks the samples with a real medium."""
     B, n_media, N, D = media.shape  # n_media is I in the shape comments
     first, end = spans
     positions = torch.arange(start, start + length, device=media.device)[None, :, None]
@@ -393,7 +409,12 @@ def media_rows(
     if token_mask is not None:
         token_mask = token_mask.to(mask.device).expand(B, n_media, N)  # [B, I, N]
         mask = mask & token_mask[:, None]
-    return media.reshape(B, n_media * N, D), mask.reshape(B, length, n_media * N)
+    return media.reshape(B, n_media * N, D), mask.reshape(B, length, n_media * N), present.any(1)
+
+
+def _on_rows(f: Callable, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """f applied to the rows `rows` [B'] of x [B, T, D]; the other rows pass unchanged."""
+    return x.index_copy(0, rows, f(x[rows]))
 
 
 def _in_turn(functions: list, x: torch.Tensor) -> torch.Tensor:
