@@ -272,6 +272,34 @@ def test_training_passkey_prompts_can_be_shorter_than_the_test_ones():
     assert [ex.prompt for ex in test] == [ex.prompt for ex in passkey_examples(200, 42 + 2)]
 
 
+def test_a_lead_in_curriculum_serves_one_task_first_then_the_mixture():
+    from herd.data.chat_module import ChatInputSpec
+    from herd.data.multimodal import FusionDataModule
+
+    spec = ChatInputSpec(load_tokenizer("herd_bpe"), None, None, 32, 1)
+    weights = {"image": 1.0, "mt": 1.0, "passkey": 0.5}
+    plain = FusionDataModule(weights=weights, train_size=200, batch_size=4, passkey_train=40)
+    plain.setup_for(spec)
+    plain.setup("fit")
+    curriculum = FusionDataModule(
+        weights=weights,
+        train_size=200,
+        batch_size=4,
+        passkey_train=40,
+        lead_in_task="passkey",
+        lead_in_steps=3,
+    )
+    curriculum.setup_for(spec)
+    curriculum.setup("fit")
+    batches = [b for b, _ in zip(curriculum.train_dataloader(), range(5), strict=False)]
+    assert [set(b["task"]) for b in batches[:3]] == [{"passkey"}] * 3
+    expected = [b for b, _ in zip(plain.train_dataloader(), range(2), strict=False)]
+    assert [b["task"] for b in batches[3:]] == [b["task"] for b in expected]
+    assert curriculum.answer_tokens_per_batch == plain.answer_tokens_per_batch
+    with pytest.raises(ConfigError, match="lead_in_task='speech'"):
+        FusionDataModule(weights=weights, lead_in_task="speech", lead_in_steps=3)
+
+
 def test_passkey_answers_repeat_the_documents_key_tokens():
     """The answer's key is the same token run as the key in the prompt (the bundled BPE
     tokenizes a bare "12345" as "1234" "5" but " 12345" as " 1" "2" "34" "5"), so the answer

@@ -325,6 +325,30 @@ def test_speech_length_buckets_resume_and_shard_like_the_plain_sampler():
     assert [b for b, _ in zip(rank1, range(3), strict=False)] == stream[5:11:2]
 
 
+def test_lead_in_batches_come_first_and_resume_inside_or_after_them():
+    from herd.data.sampling import LengthBucketBatches
+
+    lengths = [(i * 7919) % 1000 + 100 for i in range(40)]
+    lead = [[40, 41, 42, 43], [44, 45, 46, 47], [48, 49, 50, 51]]
+    plain = [b for b, _ in zip(LengthBucketBatches(lengths, 4, seed=1), range(10), strict=False)]
+    stream = [
+        b
+        for b, _ in zip(
+            LengthBucketBatches(lengths, 4, seed=1, lead_in=lead), range(13), strict=False
+        )
+    ]
+    assert stream[:3] == lead and stream[3:] == plain  # then the mixture, unchanged
+    assert all(d.key < 0 for b in stream[:3] for d in b) and stream[3][0].key >= 0
+    for start in (2, 3, 7):
+        resumed = LengthBucketBatches(lengths, 4, seed=1, start=start, lead_in=lead)
+        again = [b for b, _ in zip(resumed, range(13 - start), strict=False)]
+        assert again == stream[start:] and [d.key for d in again[0]] == [
+            d.key for d in stream[start]
+        ]
+    rank1 = LengthBucketBatches(lengths, 4, seed=1, start=0, rank=1, world_size=2, lead_in=lead)
+    assert [b for b, _ in zip(rank1, range(3), strict=False)] == stream[1:7:2]
+
+
 # ----------------------------------------------------------------------------- out of memory
 
 

@@ -105,7 +105,9 @@ class FusionDataModule(ChatDataModule):
     `passkey_filler_repeats` bounds the filler of training passkey prompts (shorter ones
     are more copying examples per token; validation and test keep the default).
     `video_train` is the number of training clips of the video tasks (each clip is asked
-    once per weighted video task)."""
+    once per weighted video task). `lead_in_task` / `lead_in_steps`: a curriculum, the
+    first `lead_in_steps` training batches hold that task alone (from its training
+    examples), then the mixture follows."""
 
     def __init__(
         self,
@@ -129,6 +131,8 @@ class FusionDataModule(ChatDataModule):
         test_manifest: str | None = None,
         skip_bad_samples: bool = False,
         max_tokens: int = 2048,
+        lead_in_task: str | None = None,
+        lead_in_steps: int = 0,
     ):
         super().__init__()
         speed_perturb = [float(f) for f in plain(speed_perturb) or []]
@@ -143,7 +147,13 @@ class FusionDataModule(ChatDataModule):
                 f"data.weights names unknown tasks {sorted(unknown)}; tasks are "
                 f"{list(TASKS + VIDEO_TASKS)}."
             )
+        if lead_in_steps and lead_in_task not in self.hparams.weights:
+            raise ConfigError(
+                f"data.lead_in_task={lead_in_task!r} must name a task of data.weights "
+                f"({sorted(self.hparams.weights)}) when data.lead_in_steps > 0."
+            )
         self.train_lengths: list[int] = []
+        self.lead_in: list[list[int]] = []  # the first training batches (dataset indices)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -174,10 +184,24 @@ class FusionDataModule(ChatDataModule):
             self.datasets[split] = ExampleDataset(
                 examples, self.tokenizer, self.speech_tokens, speed, hp.seed
             )
-        # lengths at normal speed: the buckets only need them roughly
         train = self.datasets["train"]
-        plain_train = ExampleDataset(train.examples, self.tokenizer, self.speech_tokens)
-        encoded = [plain_train[i] for i in range(len(train))]
+        mixed = len(train.examples)
+        if hp.lead_in_steps:  # appended after the mixture; the sampler serves them first
+            wanted = hp.lead_in_steps * hp.batch_size
+            lead = mix_examples(
+                {hp.lead_in_task: by_split["train"][hp.lead_in_task]},
+                {hp.lead_in_task: 1.0},
+                wanted,
+                hp.seed,
+            )
+            train.examples = train.examples + lead
+            self.lead_in = [
+                list(range(mixed + i, mixed + i + hp.batch_size))
+                for i in range(0, wanted, hp.batch_size)
+            ]
+        # lengths at normal speed (the buckets only need them roughly), of the mixture
+        plain_train = ExampleDataset(train.examples[:mixed], self.tokenizer, self.speech_tokens)
+        encoded = [plain_train[i] for i in range(mixed)]
         self.train_lengths = [len(e["input_ids"]) for e in encoded]
         # the training loss's fixed denominator (see FusionSystem.training_step)
         answer_tokens = sum(sum(y != IGNORE_INDEX for y in e["labels"]) for e in encoded)
@@ -249,7 +273,7 @@ class FusionDataModule(ChatDataModule):
         # tasks mixed within a batch (fully sorted, nearly one-task batches learnt the
         # sequence tasks more slowly per step) and the long passkey samples among themselves.
         batches = length_bucket_train_batches(
-            self, self.train_lengths, self.hparams.batch_size, bucket_width=96
+            self, self.train_lengths, self.hparams.batch_size, bucket_width=96, lead_in=self.lead_in
         )
         return self.loader("train", batch_sampler=batches)
 

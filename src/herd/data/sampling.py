@@ -95,7 +95,9 @@ class LengthBucketBatches(Sampler[list[int]]):
     bucket stay in random order), cut it into batches, and shuffle the batches;
     deterministic in (seed, pass). `start` is the number of batches (over all ranks) already
     consumed, so a resumed run continues on exactly the batches it would have seen; rank r
-    of `world_size` takes every world_size-th batch from r."""
+    of `world_size` takes every world_size-th batch from r. `lead_in` batches, if given,
+    come first, as they are (a curriculum: e.g. one task alone before the mixture); their
+    draws carry negative keys, apart from the stream's."""
 
     def __init__(
         self,
@@ -107,7 +109,9 @@ class LengthBucketBatches(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         bucket_width: int = 1,
+        lead_in: list[list[int]] | None = None,
     ):
+        self.lead_in = lead_in or []
         self.lengths = [n // bucket_width for n in lengths]
         self.batch_size = batch_size
         self.seed, self.pool = seed, batch_size * pool_batches
@@ -127,8 +131,13 @@ class LengthBucketBatches(Sampler[list[int]]):
         return batches
 
     def __iter__(self):
+        position = self.start + self.rank
+        while position < len(self.lead_in):
+            first = position * self.batch_size
+            yield [Draw(i, -1 - first - j) for j, i in enumerate(self.lead_in[position])]
+            position += self.world_size
         batches = self.batches_of_pass(0)  # every pass has as many batches
-        epoch, offset = divmod(self.start + self.rank, len(batches))
+        epoch, offset = divmod(position - len(self.lead_in), len(batches))
         if epoch:
             batches = self.batches_of_pass(epoch)
         while True:
@@ -142,11 +151,16 @@ class LengthBucketBatches(Sampler[list[int]]):
 
 
 def length_bucket_train_batches(
-    datamodule, lengths: list[int], batch_size: int, pool_batches: int = 8, bucket_width: int = 1
+    datamodule,
+    lengths: list[int],
+    batch_size: int,
+    pool_batches: int = 8,
+    bucket_width: int = 1,
+    lead_in: list[list[int]] | None = None,
 ) -> LengthBucketBatches:
     """LengthBucketBatches for `datamodule`'s training loader, positioned after the batches
     its trainer has already stepped through (0 outside a trainer)."""
     seed, start, rank, world = _train_position(datamodule, 1)
     return LengthBucketBatches(
-        lengths, batch_size, seed, pool_batches, start, rank, world, bucket_width
+        lengths, batch_size, seed, pool_batches, start, rank, world, bucket_width, lead_in
     )
