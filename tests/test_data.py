@@ -296,8 +296,10 @@ def test_a_lead_in_curriculum_serves_one_task_first_then_the_mixture():
     expected = [b for b, _ in zip(plain.train_dataloader(), range(2), strict=False)]
     assert [b["task"] for b in batches[3:]] == [b["task"] for b in expected]
     assert curriculum.answer_tokens_per_batch == plain.answer_tokens_per_batch
-    with pytest.raises(ConfigError, match="lead_in_task='speech'"):
-        FusionDataModule(weights=weights, lead_in_task="speech", lead_in_steps=3)
+    typo = FusionDataModule(weights=weights, train_size=200, lead_in_task="pass", lead_in_steps=3)
+    typo.setup_for(spec)
+    with pytest.raises(ConfigError, match="lead_in_task='pass' must name a training task"):
+        typo.setup("fit")
 
 
 def test_passkey_answers_repeat_the_documents_key_tokens():

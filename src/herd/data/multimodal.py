@@ -147,11 +147,6 @@ class FusionDataModule(ChatDataModule):
                 f"data.weights names unknown tasks {sorted(unknown)}; tasks are "
                 f"{list(TASKS + VIDEO_TASKS)}."
             )
-        if lead_in_steps and lead_in_task not in self.hparams.weights:
-            raise ConfigError(
-                f"data.lead_in_task={lead_in_task!r} must name a task of data.weights "
-                f"({sorted(self.hparams.weights)}) when data.lead_in_steps > 0."
-            )
         self.train_lengths: list[int] = []
         self.lead_in: list[list[int]] = []  # the first training batches (dataset indices)
 
@@ -187,6 +182,12 @@ class FusionDataModule(ChatDataModule):
         train = self.datasets["train"]
         mixed = len(train.examples)
         if hp.lead_in_steps:  # appended after the mixture; the sampler serves them first
+            if not by_split["train"].get(hp.lead_in_task):
+                raise ConfigError(
+                    f"data.lead_in_task={hp.lead_in_task!r} must name a training task "
+                    f"({sorted(t for t, exs in by_split['train'].items() if exs)}) when "
+                    f"data.lead_in_steps > 0."
+                )
             wanted = hp.lead_in_steps * hp.batch_size
             lead = mix_examples(
                 {hp.lead_in_task: by_split["train"][hp.lead_in_task]},
