@@ -255,13 +255,13 @@ class FusionModel(nn.Module):
         one sample in ten has an image, and running the layers on every row cost ~40% of
         the decoder's time (experiments/fusion_recipe)."""
         runs: dict[int, list] = {}
-        for media_rows_, layers in (
+        for inputs, layers in (
             (video, self.video_cross_attention),
             (image, self.cross_attention),
         ):
-            if media_rows_ is None:
+            if inputs is None:
                 continue
-            media, mask, samples = media_rows_
+            media, mask, samples = inputs
             if not bool(samples.any()):
                 continue
             rows = None if bool(samples.all()) else samples.nonzero().squeeze(1)  # [B']
