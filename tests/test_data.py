@@ -319,5 +319,51 @@ def test_passkey_answers_repeat_the_documents_key_tokens():
         assert _contains(ids[:split], key_ids) and _contains(ids[split:], key_ids)
 
 
+def test_train_on_prompt_labels_a_tasks_training_prompts_text_only():
+    """`data.train_on_prompt=[passkey]`: the training passkey samples are trained on their
+    document's text as well as the answer; headers and media placeholders stay unlabelled,
+    the other tasks and the validation samples are as before, and a typo is named."""
+    from herd.data.chat import chat_turns
+    from herd.data.chat_module import ChatInputSpec
+    from herd.data.multimodal import FusionDataModule
+
+    tokenizer = load_tokenizer("herd_bpe")
+    image = tokenizer.special_ids["<|image|>"]
+    user = [image, *tokenizer.encode(" a digit")]
+    plain = chat_turns([("user", user), ("assistant", "seven")], tokenizer)
+    full = chat_turns([("user", user), ("assistant", "seven")], tokenizer, train_on_prompt=True)
+    assert full["input_ids"] == plain["input_ids"] and full["prompt_len"] == plain["prompt_len"]
+    labelled = [y for y in full["labels"] if y != IGNORE_INDEX]
+    assert labelled == [*user[1:], tokenizer.eot_id, *tokenizer.encode("seven"), tokenizer.eot_id]
+
+    spec = ChatInputSpec(tokenizer, None, None, 32, 1)
+    weights = {"mt": 1.0, "passkey": 1.0}
+    sets = {}
+    for tasks in ([], ["passkey"]):
+        data = FusionDataModule(
+            weights=weights,
+            train_size=40,
+            passkey_train=20,
+            translation_phrases=200,
+            train_on_prompt=tasks,
+        )
+        data.setup_for(spec)
+        data.setup("fit")
+        sets[tuple(tasks)] = data
+    for split in ("train", "val"):
+        before, after = (sets[k].datasets[split] for k in ((), ("passkey",)))
+        for i in range(len(before)):
+            a, b = before[i], after[i]
+            n_a, n_b = (sum(y != IGNORE_INDEX for y in s["labels"]) for s in (a, b))
+            if split == "train" and a["task"] == "passkey":
+                assert n_b >= n_a + 25  # the needle and question, any filler
+                assert b["labels"][b["prompt_len"] :] == a["labels"][a["prompt_len"] :]
+            else:
+                assert b["labels"] == a["labels"]
+    assert sets[("passkey",)].answer_tokens_per_batch > 2 * sets[()].answer_tokens_per_batch
+    with pytest.raises(ConfigError, match=r"data.train_on_prompt names unknown tasks \['pass'\]"):
+        FusionDataModule(weights=weights, train_on_prompt=["pass"])
+
+
 def _contains(ids: list[int], run: list[int]) -> bool:
     return any(ids[i : i + len(run)] == run for i in range(len(ids)))

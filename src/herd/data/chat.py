@@ -73,13 +73,19 @@ def prompt_ids(
     return ids
 
 
-def chat_turns(turns: Sequence[tuple[str, Sequence[int] | str]], tokenizer: Tokenizer) -> dict:
+def chat_turns(
+    turns: Sequence[tuple[str, Sequence[int] | str]],
+    tokenizer: Tokenizer,
+    train_on_prompt: bool = False,
+) -> dict:
     """Messages in the chat format -> {"input_ids", "labels", "prompt_len"}. `turns` are
     (role, content): token ids for system and user messages (already tokenized, media
     placeholders included), text for the assistant's. Labels are next-token targets on the
-    assistant messages and their <|eot_id|> only; `prompt_len` counts the tokens before the
-    last assistant message, the answer that generation is scored on."""
+    assistant messages and their <|eot_id|> only, or with `train_on_prompt` on every
+    message's text (headers and media placeholders stay unlabelled); `prompt_len` counts the
+    tokens before the last assistant message, the answer that generation is scored on."""
     eot = tokenizer.eot_id
+    special = set(tokenizer.special_ids.values()) - {eot}
     input_ids, is_answer, prompt_len = [tokenizer.bos_id], [False], 0
     for role, content in turns:
         header = tokenizer.header_ids(role)
@@ -88,7 +94,10 @@ def chat_turns(turns: Sequence[tuple[str, Sequence[int] | str]], tokenizer: Toke
         input_ids += header
         prompt_len = len(input_ids) if answer else prompt_len
         input_ids += body
-        is_answer += [False] * len(header) + [answer] * len(body)
+        if answer or not train_on_prompt:
+            is_answer += [False] * len(header) + [answer] * len(body)
+        else:  # the message's text, not its media placeholders
+            is_answer += [False] * len(header) + [t not in special for t in body]
     # the token before an answer predicts its first token, ..., its last token predicts
     # <|eot_id|>, and <|eot_id|> itself predicts nothing
     labels = [t if a else IGNORE_INDEX for t, a in zip(input_ids[1:], is_answer[1:], strict=True)]
@@ -131,9 +140,11 @@ def encode_example(
     example: Example,
     tokenizer: Tokenizer,
     speech_tokens: Callable[[int], int] | None = None,
+    train_on_prompt: bool = False,
 ) -> dict:
     """Example -> {"input_ids", "labels", "prompt_len"} in the chat format: its earlier
-    messages, then its prompt as a user turn and its answer."""
+    messages, then its prompt as a user turn and its answer (`train_on_prompt`: see
+    chat_turns)."""
     clips = [a.shape[-1] for a in example.audio]
     turns: list[tuple[str, list[int] | str]] = []
     for role, text in [*example.history, ("user", example.prompt)]:
@@ -143,7 +154,7 @@ def encode_example(
         n = text.count(SPEECH)  # this message's clips, in order
         turns.append((role, prompt_ids(text, tokenizer, clips[:n], speech_tokens, example.task)))
         clips = clips[n:]
-    return chat_turns([*turns, ("assistant", example.answer)], tokenizer)
+    return chat_turns([*turns, ("assistant", example.answer)], tokenizer, train_on_prompt)
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 class ExampleDataset(Dataset):
     """Examples of one or more tasks, encoded on access (images and audio stay tensors).
     With `speed_factors`, each access plays the audio at a factor drawn from them (before
-    the placeholders are counted), as the speech stage does."""
+    the placeholders are counted), as the speech stage does. The tasks in `train_on_prompt`
+    are also trained on their prompts' text (herd.data.chat.chat_turns)."""
 
     def __init__(
         self,
@@ -50,9 +52,11 @@ class ExampleDataset(Dataset):
         speech_tokens=None,
         speed_factors: tuple[float, ...] = (),
         seed: int = 0,
+        train_on_prompt: Collection[str] = (),
     ):
         self.examples, self.tokenizer, self.speech_tokens = examples, tokenizer, speech_tokens
         self.speed_factors, self.seed = tuple(speed_factors), seed
+        self.train_on_prompt = frozenset(train_on_prompt)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -65,7 +69,9 @@ class ExampleDataset(Dataset):
             clips = tuple(speed_perturb(a, rng.choice(self.speed_factors)) for a in ex.audio)
             ex = replace(ex, audio=clips)
         return {
-            **encode_example(ex, self.tokenizer, self.speech_tokens),
+            **encode_example(
+                ex, self.tokenizer, self.speech_tokens, ex.task in self.train_on_prompt
+            ),
             "task": ex.task,
             "answer": ex.answer,
             "images": list(ex.images),
@@ -107,7 +113,9 @@ class FusionDataModule(ChatDataModule):
     `video_train` is the number of training clips of the video tasks (each clip is asked
     once per weighted video task). `lead_in_task` / `lead_in_steps`: a curriculum, the
     first `lead_in_steps` training batches hold that task alone (from its training
-    examples), then the mixture follows."""
+    examples), then the mixture follows. `train_on_prompt` lists tasks whose training
+    examples are also trained on their prompts' text (e.g. passkey: the document repeats
+    its filler and its key, so copying is learnt on the prompt as well as the answer)."""
 
     def __init__(
         self,
@@ -133,20 +141,26 @@ class FusionDataModule(ChatDataModule):
         max_tokens: int = 2048,
         lead_in_task: str | None = None,
         lead_in_steps: int = 0,
+        train_on_prompt: list[str] | None = None,
     ):
         super().__init__()
         speed_perturb = [float(f) for f in plain(speed_perturb) or []]
+        train_on_prompt = [str(t) for t in plain(train_on_prompt) or []]
         self.save_hyperparameters()
         check_source(source, ("digits", "manifest"), manifest, path_kind="a JSONL chat manifest")
         self.hparams.weights = {
             str(k): float(v) for k, v in (weights or dict.fromkeys(TASKS, 1.0)).items()
         }
-        unknown = set(self.hparams.weights) - set(TASKS + VIDEO_TASKS)
-        if unknown:
-            raise ConfigError(
-                f"data.weights names unknown tasks {sorted(unknown)}; tasks are "
-                f"{list(TASKS + VIDEO_TASKS)}."
-            )
+        for setting, names in (
+            ("weights", self.hparams.weights),
+            ("train_on_prompt", train_on_prompt),
+        ):
+            unknown = set(names) - set(TASKS + VIDEO_TASKS)
+            if unknown:
+                raise ConfigError(
+                    f"data.{setting} names unknown tasks {sorted(unknown)}; tasks are "
+                    f"{list(TASKS + VIDEO_TASKS)}."
+                )
         self.train_lengths: list[int] = []
         self.lead_in: list[list[int]] = []  # the first training batches (dataset indices)
 
@@ -175,9 +189,14 @@ class FusionDataModule(ChatDataModule):
                     for t in self.tasks
                     for ex in rng.sample(by_task[t], min(cap, len(by_task[t])))
                 ]
-            speed = tuple(hp.speed_perturb) if split == "train" else ()
+            is_train = split == "train"
             self.datasets[split] = ExampleDataset(
-                examples, self.tokenizer, self.speech_tokens, speed, hp.seed
+                examples,
+                self.tokenizer,
+                self.speech_tokens,
+                tuple(hp.speed_perturb) if is_train else (),
+                hp.seed,
+                hp.train_on_prompt if is_train else (),
             )
         train = self.datasets["train"]
         mixed = len(train.examples)
@@ -201,7 +220,12 @@ class FusionDataModule(ChatDataModule):
                 for i in range(0, wanted, hp.batch_size)
             ]
         # lengths at normal speed (the buckets only need them roughly), of the mixture
-        plain_train = ExampleDataset(train.examples[:mixed], self.tokenizer, self.speech_tokens)
+        plain_train = ExampleDataset(
+            train.examples[:mixed],
+            self.tokenizer,
+            self.speech_tokens,
+            train_on_prompt=hp.train_on_prompt,
+        )
         encoded = [plain_train[i] for i in range(mixed)]
         self.train_lengths = [len(e["input_ids"]) for e in encoded]
         # the training loss's fixed denominator (see FusionSystem.training_step)
