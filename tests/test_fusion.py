@@ -276,6 +276,24 @@ TINY_FUSION = [
 
 
 @pytest.mark.slow
+def test_fusion_trains_under_ddp_with_two_cpu_processes(tmp_path):
+    """Batches without images skip the cross-attention layers (and without speech the speech
+    encoder), which plain DDP stops on; the fusion stage gets DDP's variant that looks for
+    unused parameters."""
+    import torch
+
+    from herd.train import train
+
+    from .conftest import compose_cfg
+
+    overrides = [*TINY_FUSION, "strategy=ddp_spawn", "trainer.max_steps=6", "test=false"]
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    train(cfg)
+    last = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+
+
+@pytest.mark.slow
 def test_short_real_fusion_run_learns_and_reopens(tmp_path):
     import json
     from pathlib import Path

@@ -37,6 +37,7 @@ from herd.utils.run import (
     reset_peak_memory,
     write_metrics_json,
 )
+from herd.utils.strategies import strategy_override
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -129,7 +130,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     exact_resume = ExactResume()
     callbacks = [exact_resume, *instantiate_all(cfg.get("callbacks"))]
     loggers = instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        **strategy_override(cfg.trainer.get("strategy"), system),
+    )
 
     reset_peak_memory(trainer.strategy.root_device)
     fit_seconds = None
@@ -159,6 +165,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         test_metrics = dict(trainer.callback_metrics)
 
     # trivial baselines the data module knows (e.g. a unigram model's loss, chance accuracy)
+    if getattr(datamodule, "spec", False) is None:  # after ddp_spawn this process's trainer
+        datamodule.setup_for(system.input_spec())  # holds no model to read the inputs from
     references = datamodule.reference_metrics() if hasattr(datamodule, "reference_metrics") else {}
     perf = {"perf/peak_memory_gb": peak_memory_gb(trainer.strategy.root_device)}
     if fit_seconds is not None:  # wall time of training with its validation, not the test

@@ -87,6 +87,10 @@ class FusionSystem(HerdSystem):
     so they load without the stage checkpoints they started from.
     """
 
+    # A batch without images, speech or video leaves those parts out of its step
+    # (herd.utils.strategies.strategy_override: DDP then looks for unused parameters).
+    skips_parameters = True
+
     def __init__(
         self,
         language: dict,

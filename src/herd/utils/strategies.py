@@ -7,6 +7,9 @@ from __future__ import annotations
 from hydra.utils import get_class
 from lightning.pytorch.strategies import FSDPStrategy
 
+# Lightning's DDP launchers, each registered with a `_find_unused_parameters_true` variant
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
 
 def fsdp(
     wrap_layers: list[str],
@@ -26,3 +29,13 @@ def fsdp(
         state_dict_type=state_dict_type,
         **kwargs,
     )
+
+
+def strategy_override(strategy, system) -> dict:
+    """{"strategy": ...} to build the trainer with for `system`, or {} to keep the config's:
+    DDP's variant that looks for unused parameters when the system's steps may leave some
+    out (a fusion batch without images skips the cross-attention layers), which plain DDP
+    stops on."""
+    if getattr(system, "skips_parameters", False) and strategy in DDP_STRATEGIES:
+        return {"strategy": f"{strategy}_find_unused_parameters_true"}
+    return {}
