@@ -361,8 +361,10 @@ def test_train_on_prompt_labels_a_tasks_training_prompts_text_only():
             else:
                 assert b["labels"] == a["labels"]
     assert sets[("passkey",)].answer_tokens_per_batch > 2 * sets[()].answer_tokens_per_batch
-    with pytest.raises(ConfigError, match=r"data.train_on_prompt names unknown tasks \['pass'\]"):
-        FusionDataModule(weights=weights, train_on_prompt=["pass"])
+    typo = FusionDataModule(weights=weights, train_size=40, train_on_prompt=["pass"])
+    typo.setup_for(spec)
+    with pytest.raises(ConfigError, match=r"train_on_prompt=\['pass'\] must name training tasks"):
+        typo.setup("fit")
 
 
 def _contains(ids: list[int], run: list[int]) -> bool:

@@ -114,8 +114,8 @@ class FusionDataModule(ChatDataModule):
     once per weighted video task). `lead_in_task` / `lead_in_steps`: a curriculum, the
     first `lead_in_steps` training batches hold that task alone (from its training
     examples), then the mixture follows. `train_on_prompt` lists tasks whose training
-    examples are also trained on their prompts' text (e.g. passkey: the document repeats
-    its filler and its key, so copying is learnt on the prompt as well as the answer)."""
+    examples are also trained on their prompts' text (e.g. a manifest's documents; for
+    the passkey task it slowed learning, experiments/fusion_recipe)."""
 
     def __init__(
         self,
@@ -151,16 +151,12 @@ class FusionDataModule(ChatDataModule):
         self.hparams.weights = {
             str(k): float(v) for k, v in (weights or dict.fromkeys(TASKS, 1.0)).items()
         }
-        for setting, names in (
-            ("weights", self.hparams.weights),
-            ("train_on_prompt", train_on_prompt),
-        ):
-            unknown = set(names) - set(TASKS + VIDEO_TASKS)
-            if unknown:
-                raise ConfigError(
-                    f"data.{setting} names unknown tasks {sorted(unknown)}; tasks are "
-                    f"{list(TASKS + VIDEO_TASKS)}."
-                )
+        unknown = set(self.hparams.weights) - set(TASKS + VIDEO_TASKS)
+        if unknown:
+            raise ConfigError(
+                f"data.weights names unknown tasks {sorted(unknown)}; tasks are "
+                f"{list(TASKS + VIDEO_TASKS)}."
+            )
         self.train_lengths: list[int] = []
         self.lead_in: list[list[int]] = []  # the first training batches (dataset indices)
 
@@ -176,6 +172,12 @@ class FusionDataModule(ChatDataModule):
             by_split = self._manifest_examples()
         else:
             by_split = {split: self._examples(split) for split in ("train", "val", "test")}
+        trained = sorted(t for t, exs in by_split["train"].items() if exs)
+        if set(hp.train_on_prompt) - set(trained):
+            raise ConfigError(
+                f"data.train_on_prompt={hp.train_on_prompt} must name training tasks "
+                f"(here {trained})."
+            )
         rng = random.Random(hp.seed)
         for split, by_task in by_split.items():
             if hp.source == "manifest":  # the user's samples, as given
@@ -201,11 +203,10 @@ class FusionDataModule(ChatDataModule):
         train = self.datasets["train"]
         mixed = len(train.examples)
         if hp.lead_in_steps:  # appended after the mixture; the sampler serves them first
-            if not by_split["train"].get(hp.lead_in_task):
+            if hp.lead_in_task not in trained:
                 raise ConfigError(
                     f"data.lead_in_task={hp.lead_in_task!r} must name a training task "
-                    f"({sorted(t for t, exs in by_split['train'].items() if exs)}) when "
-                    f"data.lead_in_steps > 0."
+                    f"({trained}) when data.lead_in_steps > 0."
                 )
             wanted = hp.lead_in_steps * hp.batch_size
             lead = mix_examples(
