@@ -85,7 +85,7 @@ def chat_turns(
     message's text (headers and media placeholders stay unlabelled); `prompt_len` counts the
     tokens before the last assistant message, the answer that generation is scored on."""
     eot = tokenizer.eot_id
-    special = set(tokenizer.special_ids.values()) - {eot}
+    special = set(tokenizer.special_ids.values()) - {eot} if train_on_prompt else set()
     input_ids, is_answer, prompt_len = [tokenizer.bos_id], [False], 0
     for role, content in turns:
         header = tokenizer.header_ids(role)
