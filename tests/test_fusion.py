@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -575,3 +576,39 @@ def test_a_fusion_checkpoint_starts_another_run_at_its_own_context(tmp_path):
     theirs = source.model.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in continued.model.state_dict().items())
     assert continued.hparams.init_from is None  # its own checkpoints hold the weights
+
+
+def test_loss_weights_scale_a_tasks_answers_in_the_training_loss(tmp_path):
+    """`data.loss_weights={mt: 3}`: a translation batch's training loss is three times the
+    unweighted one, other tasks' batches are unchanged, and a typo is named."""
+    from hydra.utils import instantiate
+
+    from .conftest import compose_cfg
+
+    overrides = [*TINY_FUSION, "model.vision=null", "model.speech=null"]
+    overrides += ["data.weights={image: 0, asr: 0, st: 0, mt: 1, passkey: 1}", "data.train_size=32"]
+    cfg = compose_cfg("train", [*overrides, "data.loss_weights={mt: 3.0}"], tmp_path / "run")
+    system = instantiate(cfg.model)
+    data = instantiate(cfg.data)
+    data.setup_for(system.input_spec())
+    data.setup("fit")
+    train = data.datasets["train"]
+    by_task = {
+        task: collate([train[i] for i in range(len(train)) if train[i]["task"] == task][:4], 0)
+        for task in ("mt", "passkey")
+    }
+    losses = {}
+    for facts in (data.facts(), dataclasses.replace(data.facts(), task_loss_weight={})):
+        system.data_facts = facts
+        with torch.no_grad():
+            losses[bool(facts.task_loss_weight)] = {
+                t: system.training_step(b, 0).item() for t, b in by_task.items()
+            }
+    assert data.facts().task_loss_weight == {"mt": 3.0}
+    assert losses[True]["mt"] == pytest.approx(3 * losses[False]["mt"], rel=1e-5)
+    assert losses[True]["passkey"] == pytest.approx(losses[False]["passkey"], rel=1e-6)
+    typo = compose_cfg("train", [*overrides, "data.loss_weights={pass: 3.0}"], tmp_path / "t")
+    typo_data = instantiate(typo.data)
+    typo_data.setup_for(system.input_spec())
+    with pytest.raises(ConfigError, match=r"loss_weights=\{'pass': 3.0\} must name training task"):
+        typo_data.setup("fit")

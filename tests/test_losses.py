@@ -32,6 +32,38 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(chunk_size):
     torch.testing.assert_close(c_weight, g_weight, atol=1e-6, rtol=1e-6)
 
 
+def test_token_weights_scale_each_tokens_term_of_the_mean_over_labelled_tokens():
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 21, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 21))
+    labels[:, :4] = IGNORE_INDEX
+    token_weights = torch.ones(2, 21)
+    token_weights[1] = 4.0  # e.g. every token of the second sample's task counts four times
+
+    per_token = F.cross_entropy(
+        (hidden @ weight.t()).view(-1, 30),
+        labels.view(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    n_valid = (labels != IGNORE_INDEX).sum()
+    expected = (per_token * token_weights.view(-1).double()).sum() / n_valid
+    e_hidden, e_weight = torch.autograd.grad(expected, (hidden, weight))
+
+    weighted, n_tokens = chunked_cross_entropy(
+        hidden, weight, labels, 5, token_weights=token_weights
+    )
+    w_hidden, w_weight = torch.autograd.grad(weighted, (hidden, weight))
+
+    assert n_tokens == n_valid
+    assert abs(weighted.item() - expected.item()) < 1e-9
+    torch.testing.assert_close(w_hidden, e_hidden)
+    torch.testing.assert_close(w_weight, e_weight)
+    plain, _ = chunked_cross_entropy(hidden, weight, labels, 5)
+    assert weighted.item() > plain.item() * 1.5  # the weights are not ignored
+
+
 def test_chunked_loss_fp32_within_1e6():
     torch.manual_seed(1)
     hidden = torch.randn(2, 300, 32)

@@ -37,13 +37,15 @@ class ChatDataFacts:
     """What the chat data tells the fusion system once set up (ChatDataModule.facts()): the
     metric that scores each task (None: its loss alone), the evidence distance beyond which
     an answer also counts as `_far` (None: no near/far split), the mean answer tokens per
-    training batch (the loss weight that makes every answer token count the same), and the
-    truncation counts to log."""
+    training batch (the loss weight that makes every answer token count the same), the
+    truncation counts to log, and the training loss's weight of each task's answer tokens
+    (tasks not named weigh 1)."""
 
     task_metric: Mapping[str, str | None] = field(default_factory=lambda: dict(TASK_METRIC))
     evidence_far_tokens: int | None = None
     answer_tokens_per_batch: float | None = None
     truncation: Mapping[str, float] = field(default_factory=dict)
+    task_loss_weight: Mapping[str, float] = field(default_factory=dict)
 
 
 class ChatDataModule(HerdDataModule):
@@ -59,6 +61,7 @@ class ChatDataModule(HerdDataModule):
         super().__init__()
         self.spec: ChatInputSpec | None = None  # the model's, once set up
         self.answer_tokens_per_batch: float | None = None  # FusionSystem.training_step
+        self.task_loss_weight: dict[str, float] = {}  # FusionSystem.training_step
 
     def setup_for(self, spec: ChatInputSpec) -> None:
         if spec.speech_tokens is not None and spec.sample_rate != SAMPLE_RATE:
@@ -103,4 +106,5 @@ class ChatDataModule(HerdDataModule):
             self.evidence_far_tokens,
             self.answer_tokens_per_batch,
             self.truncation_metrics(),
+            dict(self.task_loss_weight),
         )

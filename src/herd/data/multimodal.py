@@ -115,7 +115,9 @@ class FusionDataModule(ChatDataModule):
     first `lead_in_steps` training batches hold that task alone (from its training
     examples), then the mixture follows. `train_on_prompt` lists tasks whose training
     examples are also trained on their prompts' text (e.g. a manifest's documents; for
-    the passkey task it slowed learning, experiments/fusion_recipe)."""
+    the passkey task it slowed learning, experiments/fusion_recipe). `loss_weights`
+    multiplies a task's answer tokens in the training loss (tasks not named: 1), a larger
+    say for a task without spending steps on it."""
 
     def __init__(
         self,
@@ -142,11 +144,16 @@ class FusionDataModule(ChatDataModule):
         lead_in_task: str | None = None,
         lead_in_steps: int = 0,
         train_on_prompt: list[str] | None = None,
+        loss_weights: dict | None = None,
     ):
         super().__init__()
         speed_perturb = [float(f) for f in plain(speed_perturb) or []]
         train_on_prompt = [str(t) for t in plain(train_on_prompt) or []]
+        loss_weights = {str(k): float(v) for k, v in (plain(loss_weights) or {}).items()}
         self.save_hyperparameters()
+        negative = {t: w for t, w in loss_weights.items() if w < 0}
+        if negative:
+            raise ConfigError(f"data.loss_weights {negative} must be >= 0.")
         check_source(source, ("digits", "manifest"), manifest, path_kind="a JSONL chat manifest")
         self.hparams.weights = {
             str(k): float(v) for k, v in (weights or dict.fromkeys(TASKS, 1.0)).items()
@@ -173,11 +180,12 @@ class FusionDataModule(ChatDataModule):
         else:
             by_split = {split: self._examples(split) for split in ("train", "val", "test")}
         trained = sorted(t for t, exs in by_split["train"].items() if exs)
-        if set(hp.train_on_prompt) - set(trained):
-            raise ConfigError(
-                f"data.train_on_prompt={hp.train_on_prompt} must name training tasks "
-                f"(here {trained})."
-            )
+        for setting in ("train_on_prompt", "loss_weights"):
+            if set(hp[setting]) - set(trained):
+                raise ConfigError(
+                    f"data.{setting}={hp[setting]} must name training tasks (here {trained})."
+                )
+        self.task_loss_weight = dict(hp.loss_weights)
         rng = random.Random(hp.seed)
         for split, by_task in by_split.items():
             if hp.source == "manifest":  # the user's samples, as given

@@ -335,14 +335,26 @@ class FusionSystem(HerdSystem):
         keys = ("images", "image_mask", "audio", "audio_lengths", "videos", "frame_mask")
         return {k: batch[k] for k in keys if k in batch}
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, batch: dict, token_weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model.hidden_states(batch["input_ids"], **self._inputs(batch))  # [B, T, D]
         return chunked_cross_entropy(
-            hidden, self.model.decoder.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size
+            hidden,
+            self.model.decoder.lm_head.weight,
+            batch["labels"],
+            self.hparams.loss_chunk_size,
+            token_weights=token_weights,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, n_tokens = self.loss(batch)  # mean over this batch's answer tokens
+        task_weight = self.data_facts.task_loss_weight
+        token_weights = None
+        if task_weight:  # [B, 1]: every answer token of a sample weighs what its task does
+            weights = [task_weight.get(task, 1.0) for task in batch["task"]]
+            token_weights = torch.tensor(weights, device=batch["labels"].device)[:, None]
+            token_weights = token_weights.expand_as(batch["labels"])  # [B, T]
+        loss, n_tokens = self.loss(batch, token_weights)  # mean over this batch's answer tokens
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         # Every answer token weighs the same, whichever batch it lands in. Batches are
         # bucketed by length and so nearly one task each; a per-batch mean would give a

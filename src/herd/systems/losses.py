@@ -18,25 +18,32 @@ from herd.data.packing import IGNORE_INDEX
 
 
 def _chunk_terms(
-    logits: torch.Tensor, labels: torch.Tensor, n_valid: torch.Tensor, dtype, with_grad: bool
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    n_valid: torch.Tensor,
+    dtype,
+    with_grad: bool,
+    token_weights: torch.Tensor | None = None,
 ):
     """One chunk's elementwise work: logits [C, V], labels [C] -> (summed cross-entropy of its
-    valid tokens, d(mean loss)/d(logits) [C, V] in `dtype`, or None without `with_grad`).
-    Its passes over [C, V] are what compiling fuses (the loss's share of a step that is not
-    matmul)."""
+    valid tokens, each times its weight [C] if given, d(mean loss)/d(logits) [C, V] in
+    `dtype`, or None without `with_grad`). Its passes over [C, V] are what compiling fuses
+    (the loss's share of a step that is not matmul)."""
     # bf16/fp16 logits are upcast: the softmax over a large vocabulary needs fp32.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    valid = labels != IGNORE_INDEX  # [C]
+    share = (labels != IGNORE_INDEX).to(logits.dtype)  # [C]: 1 per labelled token, 0 else
+    if token_weights is not None:
+        share = share * token_weights
     target = labels.clamp(min=0)
     lse = logits.logsumexp(dim=-1)  # [C]
     target_logit = logits.gather(1, target[:, None]).squeeze(1)  # [C]
-    loss_sum = ((lse - target_logit) * valid).sum()
+    loss_sum = ((lse - target_logit) * share).sum()
     if not with_grad:
         return loss_sum, None
     # d CE / d logits = softmax - onehot, for valid rows, over the token count
     grad_logits = (logits - lse[:, None]).exp_()  # [C, V], reuses no other buffer
     grad_logits[torch.arange(len(labels), device=labels.device), target] -= 1
-    grad_logits *= (valid / n_valid).to(grad_logits.dtype)[:, None]
+    grad_logits *= (share / n_valid).to(grad_logits.dtype)[:, None]
     return loss_sum, grad_logits.to(dtype)
 
 
@@ -46,12 +53,15 @@ def _compiled_chunk_terms():
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over valid tokens of CE(hidden @ weight.T, labels) / n_valid, chunk by chunk."""
+    """sum over valid tokens of [token weight x] CE(hidden @ weight.T, labels) / n_valid,
+    chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, grad_enabled: bool, compiled: bool):
-        # hidden [N, D], weight [V, D], labels [N]. needs_input_grad ignores no_grad(), so
-        # grad_enabled tells evaluation apart from training.
+    def forward(
+        ctx, hidden, weight, labels, chunk_size: int, grad_enabled: bool, compiled: bool, weights
+    ):
+        # hidden [N, D], weight [V, D], labels [N], weights [N] or None. needs_input_grad
+        # ignores no_grad(), so grad_enabled tells evaluation apart from training.
         want_h = grad_enabled and ctx.needs_input_grad[0]
         want_w = grad_enabled and ctx.needs_input_grad[1]
         n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
@@ -62,7 +72,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
             logits = h @ weight.t()  # [C, V]
-            loss_sum, grad_logits = terms(logits, y, n_valid, h.dtype, want_h or want_w)
+            w = None if weights is None else weights[start : start + chunk_size]
+            loss_sum, grad_logits = terms(logits, y, n_valid, h.dtype, want_h or want_w, w)
             total = total + loss_sum
             if grad_logits is not None:
                 if want_h:
@@ -83,6 +94,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -92,18 +104,28 @@ def chunked_cross_entropy(
     labels: torch.Tensor,  # [B, T] (or [N]) target ids, IGNORE_INDEX where no loss
     chunk_size: int = 1024,
     compiled: bool = False,
+    token_weights: torch.Tensor | None = None,  # [B, T] (or [N]): each token's share
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean token cross-entropy and the number of counted tokens, without a [B, T, V] tensor.
+    With `token_weights`, each token's cross-entropy is multiplied by its weight before the
+    mean (still over the count of labelled tokens, so weights of 1 change nothing).
     `compiled`: each chunk's elementwise work through torch.compile (with model.compile)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
     labels = labels.reshape(-1)  # [N]
+    if token_weights is not None:
+        token_weights = token_weights.reshape(-1).to(torch.float32)  # [N]
     valid = labels != IGNORE_INDEX
     n_tokens = valid.sum()
     if n_tokens < labels.numel():
         # Rows without a target (prompts, padding: most of a fine-tuning batch) get no
         # logits at all. Costs one host sync; fully labelled pre-training batches skip it.
         hidden, labels = hidden[valid], labels[valid]  # [N', D], [N']
-    return chunked_linear_cross_entropy(hidden, weight, labels, chunk_size, compiled), n_tokens
+        if token_weights is not None:
+            token_weights = token_weights[valid]
+    loss = _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, labels, chunk_size, torch.is_grad_enabled(), compiled, token_weights
+    )
+    return loss, n_tokens
 
 
 def chunked_linear_cross_entropy(
@@ -116,5 +138,5 @@ def chunked_linear_cross_entropy(
     """The mean over labelled tokens, every row computed (no host sync: what herd-plan runs
     on fake tensors, whose labels cannot be read)."""
     return _ChunkedLinearCrossEntropy.apply(
-        hidden, weight, labels, chunk_size, torch.is_grad_enabled(), compiled
+        hidden, weight, labels, chunk_size, torch.is_grad_enabled(), compiled, None
     )
