@@ -306,7 +306,8 @@ def test_short_real_fusion_run_learns_and_reopens(tmp_path):
 
     from .conftest import compose_cfg
 
-    cfg = compose_cfg("train", TINY_FUSION, tmp_path / "run")
+    counted = "callbacks.throughput.flops_every_n_steps=10"  # steps 10, 20, 30 and 40
+    cfg = compose_cfg("train", [*TINY_FUSION, counted], tmp_path / "run")
     metrics = train(cfg)
     run = Path(cfg.paths.output_dir)
     saved = json.loads((run / "metrics.json").read_text())
@@ -318,6 +319,16 @@ def test_short_real_fusion_run_learns_and_reopens(tmp_path):
     losses = [e.value for e in events.Scalars("train/loss")]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5  # the answers are being learnt
     assert "samples/answers_val/text_summary" in events.Tags()["tensors"]
+    # achieved FLOP/s, from the FLOPs torch counted in those steps (from the first on): per
+    # token, at least the decoder's matmuls forward (2 x its ~0.4 M weights), at most all
+    # parameters x 6 x 20
+    tflops = {e.step: e.value for e in events.Scalars("perf/tflops")}
+    tokens_per_sec = {e.step: e.value for e in events.Scalars("perf/tokens_per_sec")}
+    assert sorted(tflops) == list(range(9, 40))
+    n_params = sum(p.numel() for p in load_system(run / "checkpoints" / "last.ckpt").parameters())
+    for step, value in tflops.items():
+        per_token = value * 1e12 / tokens_per_sec[step]
+        assert 2 * 0.4e6 < per_token < 6 * 20 * n_params, (step, per_token)
     # the checkpoint rebuilds the composed model without the stage checkpoints
     system = load_system(run / "checkpoints" / "last.ckpt")
     assert type(system).__name__ == "FusionSystem"

@@ -394,7 +394,7 @@ def test_short_vision_run_beats_chance_and_leaves_a_complete_run_dir(tmp_path):
     tags = acc.Tags()
     for tag in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/top1", "test/top1"):
         assert tag in tags["scalars"], f"{tag} missing from TensorBoard"
-    assert "perf/images_per_sec" in tags["scalars"]
+    assert {"perf/images_per_sec", "perf/tflops"} <= set(tags["scalars"])  # FLOPs: counted
     assert len(acc.Images("samples/predictions")) == 2  # one per validation
     assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(tags["images"])
 

@@ -78,14 +78,14 @@ def _mel_figure(mel: torch.Tensor, reference: str, hypothesis: str):
 
 
 class AudioThroughput(StepRate):
-    """Logs `perf/audio_seconds_per_sec`: seconds of speech trained on per second of a
-    training step (per device, averaged over `window` steps), timed like tokens and images."""
+    """`perf/audio_seconds_per_sec`: seconds of speech trained on per second of a training
+    step (see StepRate, which adds perf/tflops)."""
 
-    def __init__(self, window: int = 10, lengths_key: str = "wave_lengths"):
-        super().__init__(window)
+    metric = "perf/audio_seconds_per_sec"
+
+    def __init__(self, window: int = 10, lengths_key: str = "wave_lengths", flops_every_n_steps=50):
+        super().__init__(window, flops_every_n_steps)
         self.lengths_key = lengths_key
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        seconds = batch[self.lengths_key].sum().item() / pl_module.model.config.sample_rate
-        rate = self.rate(trainer, seconds)
-        pl_module.log("perf/audio_seconds_per_sec", rate, on_step=True, on_epoch=False)
+    def items(self, batch, pl_module) -> float:
+        return batch[self.lengths_key].sum().item() / pl_module.model.config.sample_rate

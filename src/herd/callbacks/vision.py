@@ -121,12 +121,13 @@ class ConfusionMatrix(L.Callback):
 
 
 class ImageThroughput(StepRate):
-    """Logs `perf/images_per_sec` (per device, averaged over `window` training steps)."""
+    """`perf/images_per_sec` (see StepRate, which adds perf/tflops)."""
 
-    def __init__(self, window: int = 10, image_key: str = "image"):
-        super().__init__(window)
+    metric = "perf/images_per_sec"
+
+    def __init__(self, window: int = 10, image_key: str = "image", flops_every_n_steps=50):
+        super().__init__(window, flops_every_n_steps)
         self.image_key = image_key
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        rate = self.rate(trainer, len(batch[self.image_key]))
-        pl_module.log("perf/images_per_sec", rate, on_step=True, on_epoch=False)
+    def items(self, batch, pl_module) -> float:
+        return len(batch[self.image_key])
