@@ -20,7 +20,7 @@ from herd.errors import ConfigError, DataError
 from herd.systems.losses import IGNORE_INDEX
 
 
-@pytest.mark.parametrize("spec", ["herd_bpe", "bytes"])
+@pytest.mark.parametrize("spec", ["herd_bpe", "herd_bpe_digits", "bytes"])
 def test_tokenizers_round_trip_text_and_expose_llama3_specials(spec):
     tok = load_tokenizer(spec)
     text = 'The "with" statement wraps a block — naïve café ✓'
@@ -36,6 +36,22 @@ def test_bundled_bpe_compresses_english_prose():
     text = " ".join(pydoc_documents()[:50])
     assert tok.vocab_size == 4096 + 1  # 4096 BPE tokens and <|video|>, added after them
     assert len(text) / len(tok.encode(text)) > 3.0  # bytes give 1.0
+
+
+def test_herd_bpe_digits_gives_every_digit_a_token_and_changes_nothing_else():
+    """The same BPE and ids; only a number's tokens change: one per digit, the same ten
+    whatever precedes them (herd_bpe merges " 58664" into " 5" "8" "6" "64")."""
+    plain, digits = load_tokenizer("herd_bpe"), load_tokenizer("herd_bpe_digits")
+    assert digits.vocab_size == plain.vocab_size and digits.special_ids == plain.special_ids
+    prose = " ".join(pydoc_documents()[:5])
+    prose = re.sub(r"[0-9]", "", prose)
+    assert digits.encode(prose) == plain.encode(prose)
+    for text in ("The pass key is 58664.", "In 2024, 12.5% of 100"):
+        ids = digits.encode(text)
+        assert digits.decode(ids) == text
+        number_pieces = [digits.decode([i]) for i in ids if digits.decode([i]).strip().isdigit()]
+        assert number_pieces == [ch for ch in text if ch.isdigit()]
+    assert len(plain.encode(" 58664")) < len(digits.encode(" 58664")) == 6  # " " and 5 digits
 
 
 def test_missing_tokenizer_file_names_the_file(tmp_path):
@@ -306,10 +322,14 @@ def test_passkey_answers_repeat_the_documents_key_tokens():
     """The answer's key is the same token run as the key in the prompt (the bundled BPE
     tokenizes a bare "12345" as "1234" "5" but " 12345" as " 1" "2" "34" "5"), so the answer
     can be copied from the document; the key itself is still what is scored."""
+    for spec in ("herd_bpe", "herd_bpe_digits"):
+        _assert_answers_repeat_the_keys_tokens(load_tokenizer(spec))
+
+
+def _assert_answers_repeat_the_keys_tokens(tokenizer) -> None:
     from herd.data.chat import encode_example
     from herd.data.digits_tasks import passkey_examples
 
-    tokenizer = load_tokenizer("herd_bpe")
     for example in passkey_examples(50, seed=3):
         key = re.search(r"is (\d{5})\.", example.prompt).group(1)
         assert example.answer == f"The pass key is {key}."

@@ -3,6 +3,10 @@
 - `herd_bpe`: a 4096-token byte-level BPE trained with the `tokenizers` library on the
   embedded English corpus and shipped in `herd/assets/tokenizers/` (regenerate with
   `python -m herd.data.tokenizer`).
+- `herd_bpe_digits`: the same BPE with every digit a token of its own (as Llama 1 and 2
+  split numbers). herd_bpe merges digits by what precedes them (" 58664" is " 5" "8" "6"
+  "64"), so a number's tokens are rare and vary; one token per digit let the fusion stage
+  learn pass-key copying several times faster (experiments/fusion_recipe, sixteenth round).
 - `bytes`: UTF-8 bytes plus the special tokens; needs no file.
 - a path to a Hugging Face `tokenizer.json`, to Meta's `tokenizer.model` (tiktoken BPE
   ranks), or to a checkpoint directory holding either.
@@ -35,6 +39,7 @@ RESERVED_FOR = {
     VIDEO: "<|reserved_special_token_12|>",
 }
 BUNDLED = {"herd_bpe": "python_docs_bpe_4k.json"}
+SPLIT_DIGITS = {"herd_bpe_digits": "herd_bpe"}  # name -> the bundled BPE it splits digits of
 
 # Meta's tokenizer.model: the pre-tokenisation pattern and the layout of the 256 special ids
 # that follow the BPE ranks, as published with Llama 3.
@@ -125,8 +130,9 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json`, run by the `tokenizers` library."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, split_digits: bool = False) -> None:
         from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import pre_tokenizers
 
         path = Path(path)
         if not path.is_file():
@@ -137,6 +143,9 @@ class HFTokenizer(Tokenizer):
             self._tok = RustTokenizer.from_file(str(path))
         except Exception as exc:  # the Rust error names no file
             raise ConfigError(f"Tokenizer file {path} could not be read: {exc}") from exc
+        if split_digits:  # digits are cut apart before the BPE's own pre-tokenisation
+            digits = pre_tokenizers.Digits(individual_digits=True)
+            self._tok.pre_tokenizer = pre_tokenizers.Sequence([digits, self._tok.pre_tokenizer])
         self.path = path
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -195,11 +204,14 @@ class TiktokenTokenizer(Tokenizer):
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """`herd_bpe`, `bytes`, a tokenizer.json / tokenizer.model, or a directory holding one."""
+    """`herd_bpe`, `herd_bpe_digits`, `bytes`, a tokenizer.json / tokenizer.model, or a
+    directory holding one."""
     if spec == "bytes":
         return ByteTokenizer()
-    if spec in BUNDLED:
-        return HFTokenizer(Path(str(files("herd.assets") / "tokenizers" / BUNDLED[spec])))
+    if spec in BUNDLED or spec in SPLIT_DIGITS:
+        name = SPLIT_DIGITS.get(spec, spec)
+        path = Path(str(files("herd.assets") / "tokenizers" / BUNDLED[name]))
+        return HFTokenizer(path, split_digits=spec in SPLIT_DIGITS)
     path = Path(spec)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
