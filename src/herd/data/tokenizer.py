@@ -6,8 +6,8 @@
 - `herd_bpe_digits`: the same BPE with every digit a token of its own (as Llama 1 and 2
   split numbers). herd_bpe merges digits by what precedes them (" 58664" is " 5" "8" "6"
   "64"), so a number's tokens are rare and vary; with one token per digit a fusion stage
-  trained on pass keys alone learns to copy them ~20x sooner (experiments/fusion_recipe,
-  sixteenth round; in the recipe's mixture it did not yet pay).
+  trained on pass keys alone copied 0.96 of them after 1600 prompts, against 0.04
+  (experiments/fusion_recipe, sixteenth round; in the recipe's mixture it did not yet pay).
 - `bytes`: UTF-8 bytes plus the special tokens; needs no file.
 - a path to a Hugging Face `tokenizer.json`, to Meta's `tokenizer.model` (tiktoken BPE
   ranks), or to a checkpoint directory holding either.
