@@ -288,7 +288,7 @@ def test_training_passkey_prompts_can_be_shorter_than_the_test_ones():
     assert [ex.prompt for ex in test] == [ex.prompt for ex in passkey_examples(200, 42 + 2)]
 
 
-def test_a_lead_in_curriculum_serves_one_task_first_then_the_mixture():
+def test_a_lead_in_curriculum_serves_its_own_mixture_first_then_the_mixture():
     from herd.data.chat_module import ChatInputSpec
     from herd.data.multimodal import FusionDataModule
 
@@ -302,7 +302,7 @@ def test_a_lead_in_curriculum_serves_one_task_first_then_the_mixture():
         train_size=200,
         batch_size=4,
         passkey_train=40,
-        lead_in_task="passkey",
+        lead_in_weights={"image": 0, "mt": 0},
         lead_in_steps=3,
     )
     curriculum.setup_for(spec)
@@ -312,10 +312,29 @@ def test_a_lead_in_curriculum_serves_one_task_first_then_the_mixture():
     expected = [b for b, _ in zip(plain.train_dataloader(), range(2), strict=False)]
     assert [b["task"] for b in batches[3:]] == [b["task"] for b in expected]
     assert curriculum.answer_tokens_per_batch == plain.answer_tokens_per_batch
-    typo = FusionDataModule(weights=weights, train_size=200, lead_in_task="pass", lead_in_steps=3)
-    typo.setup_for(spec)
-    with pytest.raises(ConfigError, match="lead_in_task='pass' must name a training task"):
-        typo.setup("fit")
+    mixed = FusionDataModule(
+        weights=weights,
+        train_size=200,
+        batch_size=4,
+        passkey_train=40,
+        lead_in_weights={"passkey": 8.0},
+        lead_in_steps=20,
+    )
+    mixed.setup_for(spec)
+    mixed.setup("fit")
+    lead = [t for b, _ in zip(mixed.train_dataloader(), range(20), strict=False) for t in b["task"]]
+    assert 0.7 < lead.count("passkey") / len(lead) < 0.9  # 8 / (1 + 1 + 8)
+    assert {"image", "mt"} <= set(lead)
+    for bad, match in (
+        ({"pass": 1.0}, "lead_in_weights=.* must name training tasks"),
+        ({"image": 0, "mt": 0, "passkey": 0}, "leave no training task with weight > 0"),
+    ):
+        typo = FusionDataModule(
+            weights=weights, train_size=200, lead_in_weights=bad, lead_in_steps=3
+        )
+        typo.setup_for(spec)
+        with pytest.raises(ConfigError, match=match):
+            typo.setup("fit")
 
 
 def test_passkey_answers_repeat_the_documents_key_tokens():

@@ -29,7 +29,7 @@ from herd.data.digits_tasks import (
     video_examples,
 )
 from herd.data.images import DIGITS_SPLIT_SEED
-from herd.data.sampling import draw_key, length_bucket_train_batches
+from herd.data.sampling import LengthBucketBatches, draw_key, length_bucket_train_batches
 from herd.data.speech import DIGITS_MANIFEST
 from herd.data.tokenizer import Tokenizer
 from herd.errors import ConfigError, DataError
@@ -37,6 +37,12 @@ from herd.utils.config import plain
 from herd.utils.rng import sample_rng
 
 log = logging.getLogger(__name__)
+
+# The tasks' samples run from 20 (image) to ~220 (passkey) tokens, and batches padded to
+# their longest spent ~70% of the compute on padding. Coarse length buckets keep the short
+# tasks mixed within a batch (fully sorted, nearly one-task batches learnt the sequence
+# tasks more slowly per step) and the long passkey samples among themselves.
+BUCKET_WIDTH = 96
 
 
 class ExampleDataset(Dataset):
@@ -111,9 +117,10 @@ class FusionDataModule(ChatDataModule):
     `passkey_filler_repeats` bounds the filler of training passkey prompts (shorter ones
     are more copying examples per token; validation and test keep the default).
     `video_train` is the number of training clips of the video tasks (each clip is asked
-    once per weighted video task). `lead_in_task` / `lead_in_steps`: a curriculum, the
-    first `lead_in_steps` training batches hold that task alone (from its training
-    examples), then the mixture follows. `train_on_prompt` lists tasks whose training
+    once per weighted video task). `lead_in_weights` / `lead_in_steps`: a curriculum, the
+    first `lead_in_steps` training batches are mixed by `weights` updated with
+    `lead_in_weights` (e.g. {passkey: 1.0}: a larger pass-key share; every other task 0:
+    one task alone), then the mixture follows. `train_on_prompt` lists tasks whose training
     examples are also trained on their prompts' text (e.g. a manifest's documents; for
     the passkey task it slowed learning, experiments/fusion_recipe). `loss_weights`
     multiplies a task's answer tokens in the training loss (tasks not named: 1), a larger
@@ -141,7 +148,7 @@ class FusionDataModule(ChatDataModule):
         test_manifest: str | None = None,
         skip_bad_samples: bool = False,
         max_tokens: int = 2048,
-        lead_in_task: str | None = None,
+        lead_in_weights: dict | None = None,
         lead_in_steps: int = 0,
         train_on_prompt: list[str] | None = None,
         loss_weights: dict | None = None,
@@ -150,6 +157,7 @@ class FusionDataModule(ChatDataModule):
         speed_perturb = [float(f) for f in plain(speed_perturb) or []]
         train_on_prompt = [str(t) for t in plain(train_on_prompt) or []]
         loss_weights = {str(k): float(v) for k, v in (plain(loss_weights) or {}).items()}
+        lead_in_weights = {str(k): float(v) for k, v in (plain(lead_in_weights) or {}).items()}
         self.save_hyperparameters()
         negative = {t: w for t, w in loss_weights.items() if w < 0}
         if negative:
@@ -180,7 +188,7 @@ class FusionDataModule(ChatDataModule):
         else:
             by_split = {split: self._examples(split) for split in ("train", "val", "test")}
         trained = sorted(t for t, exs in by_split["train"].items() if exs)
-        for setting in ("train_on_prompt", "loss_weights"):
+        for setting in ("train_on_prompt", "loss_weights", "lead_in_weights"):
             if set(hp[setting]) - set(trained):
                 raise ConfigError(
                     f"data.{setting}={hp[setting]} must name training tasks (here {trained})."
@@ -211,23 +219,7 @@ class FusionDataModule(ChatDataModule):
         train = self.datasets["train"]
         mixed = len(train.examples)
         if hp.lead_in_steps:  # appended after the mixture; the sampler serves them first
-            if hp.lead_in_task not in trained:
-                raise ConfigError(
-                    f"data.lead_in_task={hp.lead_in_task!r} must name a training task "
-                    f"({trained}) when data.lead_in_steps > 0."
-                )
-            wanted = hp.lead_in_steps * hp.batch_size
-            lead = mix_examples(
-                {hp.lead_in_task: by_split["train"][hp.lead_in_task]},
-                {hp.lead_in_task: 1.0},
-                wanted,
-                hp.seed,
-            )
-            train.examples = train.examples + lead
-            self.lead_in = [
-                list(range(mixed + i, mixed + i + hp.batch_size))
-                for i in range(0, wanted, hp.batch_size)
-            ]
+            self.lead_in = self._lead_in_batches(by_split["train"], trained)
         # lengths at normal speed (the buckets only need them roughly), of the mixture
         plain_train = ExampleDataset(
             train.examples[:mixed],
@@ -244,6 +236,26 @@ class FusionDataModule(ChatDataModule):
             "Fusion data: %s",
             ", ".join(f"{t}: {len(by_split['train'][t])} train" for t in self.tasks),
         )
+
+    def _lead_in_batches(self, by_task: dict[str, list[Example]], trained: list[str]):
+        """The curriculum's first batches: `lead_in_steps` batches drawn by `weights` updated
+        with `lead_in_weights`, appended to the training set and bucketed by length like
+        the mixture (so the long passkey prompts still batch together); dataset indices."""
+        hp, train = self.hparams, self.datasets["train"]
+        weights = {**hp.weights, **hp.lead_in_weights}
+        if not any(w > 0 for t, w in weights.items() if t in trained):
+            raise ConfigError(
+                f"data.lead_in_weights={hp.lead_in_weights} leave no training task with "
+                f"weight > 0 for the {hp.lead_in_steps} lead-in steps."
+            )
+        wanted = hp.lead_in_steps * hp.batch_size
+        lead = mix_examples(by_task, weights, wanted, hp.seed + 1)[:wanted]
+        encoded = ExampleDataset(lead, self.tokenizer, self.speech_tokens)
+        lengths = [len(encoded[i]["input_ids"]) for i in range(len(lead))]
+        first = len(train.examples)
+        train.examples = train.examples + lead
+        batches = LengthBucketBatches(lengths, hp.batch_size, hp.seed, bucket_width=BUCKET_WIDTH)
+        return [[first + i for i in b] for b in batches.batches_of_pass(0)]
 
     def _manifest_examples(self) -> dict[str, dict[str, list[Example]]]:
         """{split: {task: examples}} from the chat manifests; the tasks' metrics become this
@@ -302,12 +314,12 @@ class FusionDataModule(ChatDataModule):
         return out
 
     def train_dataloader(self) -> DataLoader:
-        # The tasks' samples run from 20 (image) to ~220 (passkey) tokens, and batches padded
-        # to their longest spent ~70% of the compute on padding. Coarse buckets keep the short
-        # tasks mixed within a batch (fully sorted, nearly one-task batches learnt the
-        # sequence tasks more slowly per step) and the long passkey samples among themselves.
         batches = length_bucket_train_batches(
-            self, self.train_lengths, self.hparams.batch_size, bucket_width=96, lead_in=self.lead_in
+            self,
+            self.train_lengths,
+            self.hparams.batch_size,
+            bucket_width=BUCKET_WIDTH,
+            lead_in=self.lead_in,
         )
         return self.loader("train", batch_sampler=batches)
 
