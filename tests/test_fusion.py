@@ -589,6 +589,25 @@ def test_a_fusion_checkpoint_starts_another_run_at_its_own_context(tmp_path):
     assert continued.hparams.init_from is None  # its own checkpoints hold the weights
 
 
+def test_a_language_checkpoint_brings_its_tokenizer_and_a_different_one_is_refused(tmp_path):
+    import lightning as L
+
+    from herd.systems.fusion import FusionSystem
+    from herd.systems.language import LanguageSystem
+
+    stage = LanguageSystem(llama={"flavor": "tiny", "max_seq_len": 512}, tokenizer="bytes")
+    trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(stage)
+    trainer.save_checkpoint(tmp_path / "language.ckpt")
+    language = {"checkpoint": str(tmp_path / "language.ckpt"), "llama": {"max_seq_len": 512}}
+
+    fused = FusionSystem(language={**language, "tokenizer": None}, vision=None, speech=None)
+    assert fused.hparams.language["tokenizer"] == "bytes"
+    assert fused.tokenizer.vocab_size == stage.tokenizer.vocab_size
+    with pytest.raises(ConfigError, match="tokenizer=herd_bpe_digits differs from bytes"):
+        FusionSystem(language={**language, "tokenizer": "herd_bpe_digits"}, vision=None, speech=None)
+
+
 def test_loss_weights_scale_a_tasks_answers_in_the_training_loss(tmp_path):
     """`data.loss_weights={mt: 3}`: a translation batch's training loss is three times the
     unweighted one, other tasks' batches are unchanged, and a typo is named."""

@@ -54,7 +54,7 @@ class FusionSystem(HerdSystem):
             checkpoint directory (Hugging Face or Meta layout, with its tokenizer) or null,
             "llama": flavor + overrides (when built fresh; max_seq_len and rope_scaling,
             from context=, apply to a checkpoint's decoder too), "tokenizer": spec (when
-            built fresh)}.
+            built fresh; null: herd_bpe; a checkpoint or release brings its own)}.
         vision: {"checkpoint": a VisionSystem .ckpt or null, "encoder": ImageEncoderConfig
             fields (when built fresh)}, or null for no image encoder.
         speech: {"checkpoint": a SpeechSystem .ckpt or null, "encoder": SpeechEncoderConfig
@@ -164,9 +164,17 @@ class FusionSystem(HerdSystem):
             decoder = with_context(stage.model.float(), llama, language["checkpoint"])
             tokenizer_spec = stage.hparams.tokenizer
         else:
-            tokenizer_spec = language.get("tokenizer", "herd_bpe")
+            tokenizer_spec = language.get("tokenizer") or "herd_bpe"
             vocab = load_tokenizer(tokenizer_spec).vocab_size
             decoder = Llama(llama_config({"flavor": "small", **llama}, vocab))
+        named = language.get("tokenizer")
+        if source is None and named and str(named) != str(tokenizer_spec):
+            # a checkpoint's or release's decoder was trained on its own tokenizer's ids
+            raise ConfigError(
+                f"model.language.tokenizer={named} differs from {tokenizer_spec}, the tokenizer "
+                "the language model was trained with; drop model.language.tokenizer (the "
+                "checkpoint brings its own)."
+            )
         self.tokenizer = load_tokenizer(tokenizer_spec)
 
         if released is None and vision and vision.get("mllama"):  # a checkpoint's record
