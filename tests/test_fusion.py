@@ -605,7 +605,9 @@ def test_a_language_checkpoint_brings_its_tokenizer_and_a_different_one_is_refus
     assert fused.hparams.language["tokenizer"] == "bytes"
     assert fused.tokenizer.vocab_size == stage.tokenizer.vocab_size
     with pytest.raises(ConfigError, match="tokenizer=herd_bpe_digits differs from bytes"):
-        FusionSystem(language={**language, "tokenizer": "herd_bpe_digits"}, vision=None, speech=None)
+        FusionSystem(
+            language={**language, "tokenizer": "herd_bpe_digits"}, vision=None, speech=None
+        )
 
 
 def test_loss_weights_scale_a_tasks_answers_in_the_training_loss(tmp_path):
