@@ -337,6 +337,38 @@ def test_a_lead_in_curriculum_serves_its_own_mixture_first_then_the_mixture():
             typo.setup("fit")
 
 
+def test_silence_pad_puts_silence_around_each_training_clip_and_counts_its_placeholders():
+    """data.silence_pad: up to that many seconds of zeros before and after a clip, drawn per
+    access from the sample's place in the stream (so a resumed run draws the same)."""
+    from herd.data.audio import SAMPLE_RATE
+    from herd.data.chat import Example
+    from herd.data.multimodal import ExampleDataset, FusionDataModule
+    from herd.data.tokenizer import SPEECH
+
+    tokenizer = load_tokenizer("herd_bpe")
+    clip = torch.linspace(0.1, 0.9, SAMPLE_RATE)  # 1 s, no zero inside
+    examples = [Example("asr", f"{SPEECH}transcribe the audio.", "one", audio=(clip,))] * 40
+    speech_tokens = lambda samples: samples // 1280  # noqa: E731 (one per 80 ms)
+    speech_id = tokenizer.special_ids[SPEECH]
+    padded = ExampleDataset(examples, tokenizer, speech_tokens, seed=3, silence_pad=0.25)
+    befores, afters = [], []
+    for i in range(len(examples)):
+        audio = padded[i]["audio"][0]
+        start = int((audio != 0).nonzero()[0])
+        befores.append(start / SAMPLE_RATE)
+        afters.append((len(audio) - start - len(clip)) / SAMPLE_RATE)
+        assert torch.equal(audio[start : start + len(clip)], clip)
+        assert padded[i]["input_ids"].count(speech_id) == speech_tokens(len(audio))
+    assert 0 <= min(befores + afters) and max(befores + afters) <= 0.25
+    assert max(befores) > 0.15 and max(afters) > 0.15 and len(set(befores)) > 30
+    again = ExampleDataset(examples, tokenizer, speech_tokens, seed=3, silence_pad=0.25)
+    assert torch.equal(again[7]["audio"][0], padded[7]["audio"][0])
+    plain = ExampleDataset(examples, tokenizer, speech_tokens, seed=3)
+    assert torch.equal(plain[7]["audio"][0], clip)
+    with pytest.raises(ConfigError, match="silence_pad must be >= 0"):
+        FusionDataModule(silence_pad=-0.1)
+
+
 def test_passkey_answers_repeat_the_documents_key_tokens():
     """The answer's key is the same token run as the key in the prompt (the bundled BPE
     tokenizes a bare "12345" as "1234" "5" but " 12345" as " 1" "2" "34" "5"), so the answer

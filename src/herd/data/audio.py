@@ -46,6 +46,14 @@ def audio_duration(path: str | Path) -> float:
     return info.frames / info.samplerate
 
 
+def pad_silence(
+    waveform: torch.Tensor, before: float, after: float, sample_rate: int = SAMPLE_RATE
+) -> torch.Tensor:
+    """`waveform` [samples] with `before` and `after` seconds of silence (zeros) around it."""
+    pad = (round(before * sample_rate), round(after * sample_rate))
+    return torch.nn.functional.pad(waveform, pad)
+
+
 def speed_perturb(waveform: torch.Tensor, factor: float, sample_rate: int = SAMPLE_RATE):
     """Play `waveform` [samples] `factor` times faster (tempo and pitch together, as in Kaldi's
     speed perturbation): resample to sample_rate / factor and read it at sample_rate."""

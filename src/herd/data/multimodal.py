@@ -10,9 +10,10 @@ from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
-from herd.data.audio import speed_perturb
+from herd.data.audio import pad_silence, speed_perturb
 from herd.data.base import check_source
 from herd.data.chat import IGNORE_INDEX, Example, encode_example
 from herd.data.chat_manifest import read_chat_manifests
@@ -48,7 +49,9 @@ BUCKET_WIDTH = 96
 class ExampleDataset(Dataset):
     """Examples of one or more tasks, encoded on access (images and audio stay tensors).
     With `speed_factors`, each access plays the audio at a factor drawn from them (before
-    the placeholders are counted), as the speech stage does. The tasks in `train_on_prompt`
+    the placeholders are counted), as the speech stage does; with `silence_pad`, each clip
+    then gets up to that many seconds of silence before and after it, drawn per access
+    (so the speech is not always where the clip starts and ends). The tasks in `train_on_prompt`
     are also trained on their prompts' text (herd.data.chat.chat_turns)."""
 
     def __init__(
@@ -59,9 +62,11 @@ class ExampleDataset(Dataset):
         speed_factors: tuple[float, ...] = (),
         seed: int = 0,
         train_on_prompt: Collection[str] = (),
+        silence_pad: float = 0.0,
     ):
         self.examples, self.tokenizer, self.speech_tokens = examples, tokenizer, speech_tokens
         self.speed_factors, self.seed = tuple(speed_factors), seed
+        self.silence_pad = silence_pad
         self.train_on_prompt = frozenset(train_on_prompt)
 
     def __len__(self) -> int:
@@ -69,11 +74,10 @@ class ExampleDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
-        if ex.audio and self.speed_factors:
+        if ex.audio and (self.speed_factors or self.silence_pad):
             # drawn from (seed, the sample's place in the training stream): resumes exactly
             rng = sample_rng(self.seed, draw_key(i))
-            clips = tuple(speed_perturb(a, rng.choice(self.speed_factors)) for a in ex.audio)
-            ex = replace(ex, audio=clips)
+            ex = replace(ex, audio=tuple(self._augment(a, rng) for a in ex.audio))
         return {
             **encode_example(
                 ex, self.tokenizer, self.speech_tokens, ex.task in self.train_on_prompt
@@ -84,6 +88,15 @@ class ExampleDataset(Dataset):
             "audio": list(ex.audio),
             "videos": list(ex.videos),
         }
+
+    def _augment(self, clip: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        if self.speed_factors:
+            clip = speed_perturb(clip, rng.choice(self.speed_factors))
+        if self.silence_pad:
+            clip = pad_silence(
+                clip, rng.uniform(0, self.silence_pad), rng.uniform(0, self.silence_pad)
+            )
+        return clip
 
 
 def mix_examples(
@@ -113,7 +126,8 @@ class FusionDataModule(ChatDataModule):
     `manifest` (training lines, and val/test lines by their `split` field),
     `val_manifest`, `test_manifest`, each sample as given; `max_tokens` bounds a sample and
     `skip_bad_samples` skips and counts bad lines instead of stopping.
-    `speed_perturb` lists speed factors drawn per training clip ([] or null: none).
+    `speed_perturb` lists speed factors drawn per training clip ([] or null: none);
+    `silence_pad` (seconds) bounds the silence drawn before and after each training clip.
     `passkey_filler_repeats` bounds the filler of training passkey prompts (shorter ones
     are more copying examples per token; validation and test keep the default).
     `video_train` is the number of training clips of the video tasks (each clip is asked
@@ -142,6 +156,7 @@ class FusionDataModule(ChatDataModule):
         seed: int = 42,
         split_seed: int = DIGITS_SPLIT_SEED,
         speed_perturb: list[float] | None = None,
+        silence_pad: float = 0.0,
         source: str = "digits",
         manifest: str | None = None,
         val_manifest: str | None = None,
@@ -159,6 +174,8 @@ class FusionDataModule(ChatDataModule):
         loss_weights = {str(k): float(v) for k, v in (plain(loss_weights) or {}).items()}
         lead_in_weights = {str(k): float(v) for k, v in (plain(lead_in_weights) or {}).items()}
         self.save_hyperparameters()
+        if silence_pad < 0:
+            raise ConfigError(f"data.silence_pad must be >= 0 seconds, got {silence_pad}.")
         negative = {t: w for t, w in loss_weights.items() if w < 0}
         if negative:
             raise ConfigError(f"data.loss_weights {negative} must be >= 0.")
@@ -215,12 +232,13 @@ class FusionDataModule(ChatDataModule):
                 tuple(hp.speed_perturb) if is_train else (),
                 hp.seed,
                 hp.train_on_prompt if is_train else (),
+                hp.silence_pad if is_train else 0.0,
             )
         train = self.datasets["train"]
         mixed = len(train.examples)
         if hp.lead_in_steps:  # appended after the mixture; the sampler serves them first
             self.lead_in = self._lead_in_batches(by_split["train"], trained)
-        # lengths at normal speed (the buckets only need them roughly), of the mixture
+        # lengths at normal speed, no silence added (the buckets only need them roughly), of the mixture
         plain_train = ExampleDataset(
             train.examples[:mixed],
             self.tokenizer,
