@@ -207,6 +207,28 @@ def test_eval_takes_the_checkpoint_data_config_resolved_at_its_own_context(tmp_p
     assert cfg.data.source == "pydoc" and cfg.data.batch_size == 2
     assert cfg.data.seq_len == 2048  # ${context.seq_len} follows this command's context=
 
+    # a fusion checkpoint's lead-in is a training schedule: testing one task ignores it
+    fusion = OmegaConf.to_container(
+        compose_cfg(
+            "train",
+            [
+                "experiment=fusion_digits",
+                "data.lead_in_weights={passkey:1.0}",
+                "data.lead_in_steps=8",
+            ],
+            tmp_path / "fusion",
+        ).data,
+        resolve=False,
+    )
+    cfg = compose_cfg(
+        "eval",
+        ["ckpt_path=x.ckpt", "++data.weights={image:0,asr:1,st:0,mt:0,passkey:0}"],
+        tmp_path / "run3",
+    )
+    resolve_data_config(cfg, {"data": fusion})
+    assert cfg.data.lead_in_weights is None and cfg.data.lead_in_steps == 0
+    assert cfg.data.weights.asr == 1 and cfg.data.weights.passkey == 0
+
     cfg = compose_cfg("eval", ["ckpt_path=x.ckpt"], tmp_path / "run2")
     with pytest.raises(ConfigError, match="does not record its data config"):
         resolve_data_config(cfg, {})

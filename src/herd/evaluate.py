@@ -34,6 +34,9 @@ from herd.utils.run import final_metrics, log_hparams, write_metrics_json
 
 log = logging.getLogger(__name__)
 
+# data settings that only shape training, and their "off" values
+TRAINING_SCHEDULES = {"context_stages": None, "lead_in_weights": None, "lead_in_steps": 0}
+
 
 def resolve_data_config(cfg: DictConfig, header: dict) -> None:
     """cfg.data := the checkpoint's data config, overridden by any `++data.KEY=` given here;
@@ -55,8 +58,11 @@ def resolve_data_config(cfg: DictConfig, header: dict) -> None:
         )
     with open_dict(cfg):
         cfg.data = OmegaConf.merge(trained, given)
-        if cfg.data.get("context_stages") and "context_stages" not in given:
-            cfg.data.context_stages = None  # a training schedule: the test runs at context=
+        # training schedules (the test runs at context=, and draws no training batches): a
+        # checkpoint's lead-in would otherwise be checked against the tasks chosen here
+        for key, off in TRAINING_SCHEDULES.items():
+            if cfg.data.get(key) and key not in given:
+                cfg.data[key] = off
 
 
 def fit_language_context(cfg: DictConfig, system: LanguageSystem) -> None:
