@@ -1,0 +1,91 @@
+"""Where in a transcript the ASR errors fall (eighteenth round).
+
+    python asr_positions.py RUN/fusion ...                      # fused models' test answers
+    python asr_positions.py --ctc SPEECH.ckpt [--encoder FUSION.ckpt]   # the CTC head instead
+
+For each run: WER, the error rate of the words by their place from the end of the reference
+(-1: the last word), and the share of all word errors that fall in the last two words.
+Words are aligned with difflib; an insertion counts against the reference word it precedes.
+`--ctc` transcribes the embedded corpus's test clips with a speech-stage checkpoint's CTC
+head, optionally over the speech encoder of a fusion checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+from collections import Counter
+from pathlib import Path
+
+
+def position_errors(pairs: list[tuple[str, str]]) -> tuple[float, dict[int, float], float]:
+    """[(reference, hypothesis)] -> (WER, {place from the end: error rate}, share in last two)."""
+    wrong_at, words_at = Counter(), Counter()
+    errors = last_two = 0
+    for reference, hypothesis in pairs:
+        ref, hyp = reference.split(), hypothesis.split()
+        n, wrong = len(ref), set()
+        matcher = difflib.SequenceMatcher(a=ref, b=hyp, autojunk=False)
+        for op, i1, i2, j1, j2 in matcher.get_opcodes():
+            if op == "equal":
+                continue
+            count = max(i2 - i1, j2 - j1)
+            errors += count
+            last_two += count if i1 >= n - 2 else max(0, i2 - (n - 2))
+            wrong.update(range(i1, i2) if i2 > i1 else [min(i1, n - 1)])
+        for i in range(n):
+            words_at[i - n] += 1
+            wrong_at[i - n] += i in wrong
+    total = sum(words_at.values())
+    rates = {k: wrong_at[k] / words_at[k] for k in sorted(words_at) if k >= -6}
+    return errors / total, rates, last_two / max(1, errors)
+
+
+def fused_pairs(run: Path) -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in (run / "test_predictions.jsonl").open()]
+    return [(r["reference"], r["prediction"]) for r in rows if r["task"] == "asr"]
+
+
+def ctc_pairs(speech_ckpt: str, encoder_ckpt: str | None) -> list[tuple[str, str]]:
+    import torch
+
+    from herd.data.audio import read_audio
+    from herd.data.speech import DIGITS_MANIFEST
+    from herd.systems.common import load_system
+
+    system = load_system(speech_ckpt).eval()
+    if encoder_ckpt:
+        fused = load_system(encoder_ckpt)
+        system.model.load_state_dict(fused.model.speech_encoder.state_dict())
+    entries = [json.loads(line) for line in DIGITS_MANIFEST.open() if line.strip()]
+    pairs = []
+    with torch.no_grad():
+        for entry in (e for e in entries if e["split"] == "test"):
+            audio = read_audio(DIGITS_MANIFEST.parent / entry["audio"])
+            hypothesis = system.transcribe(audio[None], torch.tensor([len(audio)]))[0]
+            pairs.append((entry["text"], hypothesis))
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="*", type=Path, help="fusion run directories")
+    parser.add_argument("--ctc", help="a speech-stage checkpoint: score its CTC transcripts")
+    parser.add_argument(
+        "--encoder", help="with --ctc: the speech encoder of this fusion checkpoint"
+    )
+    args = parser.parse_args()
+    sources = [(str(run), fused_pairs(run)) for run in args.runs]
+    if args.ctc:
+        sources.append((f"CTC {args.ctc} {args.encoder or ''}", ctc_pairs(args.ctc, args.encoder)))
+    for name, pairs in sources:
+        wer, rates, share = position_errors(pairs)
+        by_place = "  ".join(f"{k}: {v:.2f}" for k, v in rates.items())
+        print(
+            f"{name}: {len(pairs)} clips, WER {wer:.3f}; by place {by_place}; last two {share:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
