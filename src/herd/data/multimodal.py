@@ -50,9 +50,9 @@ class ExampleDataset(Dataset):
     """Examples of one or more tasks, encoded on access (images and audio stay tensors).
     With `speed_factors`, each access plays the audio at a factor drawn from them (before
     the placeholders are counted), as the speech stage does; with `silence_pad`, each clip
-    then gets up to that many seconds of silence before and after it, drawn per access
-    (so the speech is not always where the clip starts and ends). The tasks in `train_on_prompt`
-    are also trained on their prompts' text (herd.data.chat.chat_turns)."""
+    then gets up to that many seconds of silence before and after it, drawn per access.
+    The tasks in `train_on_prompt` are also trained on their prompts' text
+    (herd.data.chat.chat_turns)."""
 
     def __init__(
         self,
@@ -238,7 +238,7 @@ class FusionDataModule(ChatDataModule):
         mixed = len(train.examples)
         if hp.lead_in_steps:  # appended after the mixture; the sampler serves them first
             self.lead_in = self._lead_in_batches(by_split["train"], trained)
-        # lengths at normal speed, no silence added (the buckets only need them roughly), of the mixture
+        # the mixture's lengths at normal speed, no silence (the buckets only need them roughly)
         plain_train = ExampleDataset(
             train.examples[:mixed],
             self.tokenizer,
