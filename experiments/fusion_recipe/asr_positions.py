@@ -50,7 +50,7 @@ def fused_pairs(run: Path) -> list[tuple[str, str]]:
 def ctc_pairs(speech_ckpt: str, encoder_ckpt: str | None) -> list[tuple[str, str]]:
     import torch
 
-    from herd.data.audio import read_audio
+    from herd.data.digits_tasks import speech_examples
     from herd.data.speech import DIGITS_MANIFEST
     from herd.systems.common import load_system
 
@@ -58,13 +58,12 @@ def ctc_pairs(speech_ckpt: str, encoder_ckpt: str | None) -> list[tuple[str, str
     if encoder_ckpt:
         fused = load_system(encoder_ckpt)
         system.model.load_state_dict(fused.model.speech_encoder.state_dict())
-    entries = [json.loads(line) for line in DIGITS_MANIFEST.open() if line.strip()]
     pairs = []
     with torch.no_grad():
-        for entry in (e for e in entries if e["split"] == "test"):
-            audio = read_audio(DIGITS_MANIFEST.parent / entry["audio"])
+        for example in speech_examples(DIGITS_MANIFEST, "test", ("asr",)):
+            audio = example.audio[0]
             hypothesis = system.transcribe(audio[None], torch.tensor([len(audio)]))[0]
-            pairs.append((entry["text"], hypothesis))
+            pairs.append((example.answer, hypothesis))
     return pairs
 
 
