@@ -644,3 +644,39 @@ def test_loss_weights_scale_a_tasks_answers_in_the_training_loss(tmp_path):
     typo_data.setup_for(system.input_spec())
     with pytest.raises(ConfigError, match=r"loss_weights=\{'pass': 3.0\} must name training task"):
         typo_data.setup("fit")
+
+
+def test_speech_ctc_adds_a_weighted_loss_that_trains_the_adapter_not_the_token_table(tmp_path):
+    """model.speech_ctc_weight=0.5: every digits clip carries the token ids of its
+    transcript; the training loss is the answers' plus 0.5 x the adapter's CTC against them,
+    whose gradient reaches the speech adapter and leaves the decoder's token table alone."""
+    from hydra.utils import instantiate
+
+    from .conftest import compose_cfg
+
+    overrides = [*TINY_FUSION, "data.weights={image: 0, asr: 1, st: 0, mt: 0, passkey: 0}"]
+    overrides += ["data.train_size=8", "model.speech_ctc_weight=0.5"]
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    system = instantiate(cfg.model).eval()  # no SpecAugment: the same speech in each call
+    data = instantiate(cfg.data)
+    data.setup_for(system.input_spec())
+    data.setup("fit")
+    system.data_facts = data.facts()
+    batch = collate([data.datasets["train"][i] for i in range(4)], 0)
+    said = [ids for per_sample in batch["speech_targets"] for ids in per_sample]
+    assert said == [system.tokenizer.encode(answer) for answer in batch["answer"]]  # asr: the text
+
+    speech = system.model.encode_speech(batch["audio"], batch["audio_lengths"])
+    ctc = system.speech_ctc_loss(batch, speech)
+    loss, n_tokens = system.loss(batch)
+    per_batch = system.data_facts.answer_tokens_per_batch
+    with torch.no_grad():
+        total = system.training_step(batch, 0)
+        alone = system.loss(batch, speech=speech)[0]
+    assert alone.item() == pytest.approx(loss.item(), rel=1e-6)  # the same speech, spliced in
+    assert 0 < ctc.item() < 20
+    expected = loss * n_tokens / per_batch + 0.5 * ctc
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    ctc.backward()
+    assert system.model.speech_adapter.proj.weight.grad.abs().sum() > 0
+    assert system.model.decoder.embed_tokens.weight.grad is None

@@ -108,3 +108,32 @@ def test_the_compiled_loss_equals_the_eager_one():
         results.append((loss.detach(), n, h.grad, w.grad))
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_ctc_rewards_embeddings_on_their_tokens_rows_in_order():
+    """Embeddings that point at the rows of their clip's tokens, in order and with blanks
+    between repeats, score near 0; the same rows out of order score high; the value is
+    CTC's over the cosine-similarity logits."""
+    from herd.systems.losses import embedding_ctc_loss
+
+    torch.manual_seed(0)
+    table = torch.randn(20, 32)
+    blank, targets = 19, [[3, 5, 5, 7], [2]]
+    lengths = torch.tensor([8, 2])
+    in_order = [[blank, 3, 3, blank, 5, blank, 5, 7], [2, blank, 0, 0, 0, 0, 0, 0]]
+    out_of_order = [[blank, 7, 5, blank, 5, blank, 3, 3], in_order[1]]
+    embeddings = table[torch.tensor(in_order)] * 3.0  # the norm does not count, the direction does
+    aligned = embedding_ctc_loss(embeddings, lengths, targets, table, blank, temperature=0.1)
+    shuffled = table[torch.tensor(out_of_order)]
+    misaligned = embedding_ctc_loss(shuffled, lengths, targets, table, blank, temperature=0.1)
+    assert aligned < 0.05 and misaligned > 2.0, (aligned, misaligned)
+
+    logits = F.normalize(embeddings, dim=-1) @ F.normalize(table, dim=-1).T / 0.1  # [M, L, V]
+    expected = F.ctc_loss(
+        logits.log_softmax(-1).transpose(0, 1),
+        torch.tensor([3, 5, 5, 7, 2]),
+        lengths,
+        torch.tensor([4, 1]),
+        blank=blank,
+    )
+    assert aligned.item() == pytest.approx(expected.item(), rel=1e-5)

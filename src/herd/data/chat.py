@@ -35,6 +35,9 @@ class Example:
     # earlier messages of a conversation, (role, text with markers), before `prompt`; the
     # media of all of them are in `images` / `audio`, in order
     history: tuple[tuple[str, str], ...] = ()
+    # what each clip says, in order, where known (the digits corpus): the targets of the
+    # fusion stage's auxiliary CTC loss on the speech adapter (FusionSystem.speech_ctc_weight)
+    transcripts: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -131,5 +131,8 @@ def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[
             answers = {"asr": entry["text"], "st": entry["german"]}
         except (ValueError, OSError, RuntimeError, KeyError) as exc:
             raise DataError(f"{manifest}, line {lineno}: {exc}.") from exc
-        out += [Example(t, PROMPTS[t], answers[t], audio=(audio,)) for t in tasks]
+        out += [
+            Example(t, PROMPTS[t], answers[t], audio=(audio,), transcripts=(entry["text"],))
+            for t in tasks
+        ]
     return out

@@ -87,6 +87,8 @@ class ExampleDataset(Dataset):
             "images": list(ex.images),
             "audio": list(ex.audio),
             "videos": list(ex.videos),
+            # the token ids of what each clip says (no transcripts: none)
+            "speech_targets": [self.tokenizer.encode(t) for t in ex.transcripts],
         }
 
     def _augment(self, clip: torch.Tensor, rng: random.Random) -> torch.Tensor:

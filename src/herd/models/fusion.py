@@ -136,17 +136,13 @@ class FusionModel(nn.Module):
         encoded = (frames // self.speech_encoder.config.stack).clamp(min=1)
         return int(SpeechAdapter.output_lengths(encoded)[0])
 
-    def embed(
+    def encode_speech(
         self,
-        tokens: torch.Tensor,  # [B, T]
-        audio: torch.Tensor | None = None,  # [B, K, S]
-        audio_lengths: torch.Tensor | None = None,  # [B, K], 0 where a sample has no clip k
-    ) -> torch.Tensor:
-        """Token embeddings [B, T, D] with the speech placeholders replaced by speech."""
-        embeds = self.decoder.embed_tokens(tokens)  # [B, T, D]
-        placeholders = tokens == self.speech_token_id  # [B, T]
-        if audio is None or not placeholders.any():
-            return embeds
+        audio: torch.Tensor,  # [B, K, S]
+        audio_lengths: torch.Tensor,  # [B, K], 0 where a sample has no clip k
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (speech [M, L, D], lengths [M]): the adapter's embeddings (one per 80 ms) of
+        the M real clips, in (sample, clip) order."""
         if self.speech_encoder is None:
             raise ConfigError("A sample has speech but this fusion model has no speech encoder.")
         real_clip = audio_lengths > 0  # [B, K]
@@ -154,8 +150,23 @@ class FusionModel(nn.Module):
         clips = clips[:, : int(clip_lengths.max())]
         features, frame_lengths = self.speech_encoder.features(clips, clip_lengths)
         hidden, lengths = self.speech_encoder.encode(self.speech_augment(features), frame_lengths)
-        speech, lengths = self.speech_adapter(hidden, lengths)  # [M, L, D], [M]
+        return self.speech_adapter(hidden, lengths)  # [M, L, D], [M]
+
+    def embed(
+        self,
+        tokens: torch.Tensor,  # [B, T]
+        audio: torch.Tensor | None = None,  # [B, K, S]
+        audio_lengths: torch.Tensor | None = None,  # [B, K], 0 where a sample has no clip k
+        speech: tuple[torch.Tensor, torch.Tensor] | None = None,  # encode_speech's, if done
+    ) -> torch.Tensor:
+        """Token embeddings [B, T, D] with the speech placeholders replaced by speech."""
+        embeds = self.decoder.embed_tokens(tokens)  # [B, T, D]
+        placeholders = tokens == self.speech_token_id  # [B, T]
+        if audio is None or not placeholders.any():
+            return embeds
+        speech, lengths = speech or self.encode_speech(audio, audio_lengths)  # [M, L, D], [M]
         # clips are in (sample, clip) order, as are the placeholder runs: row-major on both
+        real_clip = audio_lengths > 0  # [B, K]
         per_sample = torch.zeros_like(audio_lengths)  # [B, K]
         per_sample[real_clip] = lengths
         wanted, given = placeholders.sum(dim=1), per_sample.sum(dim=1)  # [B]
@@ -285,6 +296,7 @@ class FusionModel(nn.Module):
         audio_lengths: torch.Tensor | None = None,  # [B, K]
         videos: torch.Tensor | None = None,  # [B, V, F, C, H, W]
         frame_mask: torch.Tensor | None = None,  # [B, V, F] bool
+        speech: tuple[torch.Tensor, torch.Tensor] | None = None,  # encode_speech's, if done
     ) -> torch.Tensor:  # [B, T, D]
         image = video = None
         T = tokens.shape[1]
@@ -299,7 +311,7 @@ class FusionModel(nn.Module):
             video = media_rows(spans, video_mask, media, token_mask, 0, T)
         return self.decoder.hidden_states(
             tokens,
-            inputs_embeds=self.embed(tokens, audio, audio_lengths),
+            inputs_embeds=self.embed(tokens, audio, audio_lengths, speech),
             before_layers=self._before_layers(image, video),
         )
 

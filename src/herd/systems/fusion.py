@@ -28,7 +28,7 @@ from herd.systems.common import HerdSystem, load_system
 from herd.systems.finetune import apply_finetune_strategy
 from herd.systems.fusion_export import read_fusion_export
 from herd.systems.language import llama_config, load_decoder, with_context
-from herd.systems.losses import chunked_cross_entropy
+from herd.systems.losses import chunked_cross_entropy, embedding_ctc_loss
 from herd.utils.config import plain
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,14 @@ class FusionSystem(HerdSystem):
             it precedes, gates closed: with init_from, layers that already read the image
             encoder's tokens)}, or null for none (herd.models.video; frames go through the
             image encoder).
+        speech_ctc_weight: weight of an auxiliary training loss on the speech adapter: CTC
+            of each clip's adapter embeddings against the token ids of what the clip says
+            (the examples' transcripts; clips without one are left out), every embedding
+            classified over the decoder's input embeddings (held fixed) by cosine
+            similarity, the <|speech|> placeholder's row as CTC's blank. It draws each
+            80 ms embedding toward the token spoken there, so that transcribing becomes
+            copying. 0: off.
+        speech_ctc_temperature: the cosine similarities' temperature in that loss.
     Checkpoints of this system rebuild every part from the resolved configs recorded here,
     so they load without the stage checkpoints they started from.
     """
@@ -107,6 +115,8 @@ class FusionSystem(HerdSystem):
         spec_augment: dict | None = None,
         init_from: str | None = None,
         video: dict | None = None,
+        speech_ctc_weight: float = 0.0,
+        speech_ctc_temperature: float = 0.1,
     ):
         super().__init__()
         language, vision, speech, video = (
@@ -344,15 +354,47 @@ class FusionSystem(HerdSystem):
         return {k: batch[k] for k in keys if k in batch}
 
     def loss(
-        self, batch: dict, token_weights: torch.Tensor | None = None
+        self,
+        batch: dict,
+        token_weights: torch.Tensor | None = None,
+        speech: tuple[torch.Tensor, torch.Tensor] | None = None,  # encode_speech's, if done
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.hidden_states(batch["input_ids"], **self._inputs(batch))  # [B, T, D]
+        hidden = self.model.hidden_states(  # [B, T, D]
+            batch["input_ids"], **self._inputs(batch), speech=speech
+        )
         return chunked_cross_entropy(
             hidden,
             self.model.decoder.lm_head.weight,
             batch["labels"],
             self.hparams.loss_chunk_size,
             token_weights=token_weights,
+        )
+
+    def speech_ctc_loss(
+        self, batch: dict, speech: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """The auxiliary CTC loss on the adapter's embeddings of the batch's clips (see
+        speech_ctc_weight); None when no clip has a transcript."""
+        if "speech_targets" not in batch:
+            return None
+        embeddings, lengths = speech  # [M, L, D], [M]: the real clips in (sample, clip) order
+        real_clip = batch["audio_lengths"] > 0  # [B, K]
+        said = [  # each real clip's token ids, [] where unknown
+            (ids[k] if k < len(ids) else [])
+            for ids, row in zip(batch["speech_targets"], real_clip.tolist(), strict=True)
+            for k, real in enumerate(row)
+            if real
+        ]
+        keep = [m for m, ids in enumerate(said) if ids]
+        if not keep:
+            return None
+        return embedding_ctc_loss(
+            embeddings[keep],
+            lengths[keep],
+            [said[m] for m in keep],
+            self.model.decoder.embed_tokens.weight.detach(),
+            blank=self.model.speech_token_id,
+            temperature=self.hparams.speech_ctc_temperature,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -362,14 +404,22 @@ class FusionSystem(HerdSystem):
             weights = [task_weight.get(task, 1.0) for task in batch["task"]]
             token_weights = torch.tensor(weights, device=batch["labels"].device)[:, None]
             token_weights = token_weights.expand_as(batch["labels"])  # [B, T]
-        loss, n_tokens = self.loss(batch, token_weights)  # mean over this batch's answer tokens
+        speech = None
+        if self.hparams.speech_ctc_weight and "audio" in batch:
+            speech = self.model.encode_speech(batch["audio"], batch["audio_lengths"])
+        loss, n_tokens = self.loss(batch, token_weights, speech)  # mean over the answer tokens
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         # Every answer token weighs the same, whichever batch it lands in. Batches are
         # bucketed by length and so nearly one task each; a per-batch mean would give a
         # two-token image answer the weight of a twelve-token transcript (measured: ASR WER
         # 0.48 -> 0.63 and translation BLEU 15 -> 0 at step 400).
         per_batch = self.data_facts.answer_tokens_per_batch
-        return loss * n_tokens / per_batch if per_batch else loss
+        total = loss * n_tokens / per_batch if per_batch else loss
+        ctc = self.speech_ctc_loss(batch, speech) if speech is not None else None
+        if ctc is not None:
+            self.log("train/speech_ctc", ctc, on_step=True, on_epoch=False)
+            total = total + self.hparams.speech_ctc_weight * ctc
+        return total
 
     def answer(self, batch: dict, b: int) -> str:
         """Generate the answer of sample `b` of a batch from its prompt."""

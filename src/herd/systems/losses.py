@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from herd.data.packing import IGNORE_INDEX
 
@@ -139,4 +140,31 @@ def chunked_linear_cross_entropy(
     on fake tensors, whose labels cannot be read)."""
     return _ChunkedLinearCrossEntropy.apply(
         hidden, weight, labels, chunk_size, torch.is_grad_enabled(), compiled, None
+    )
+
+
+def embedding_ctc_loss(
+    embeddings: torch.Tensor,  # [M, L, D] one sequence of embeddings per clip
+    lengths: torch.Tensor,  # [M] real embeddings of each
+    targets: list[list[int]],  # M lists of token ids (none equal to `blank`)
+    table: torch.Tensor,  # [V, D] the token embeddings they are classified against
+    blank: int,  # the row of `table` that stands for "no new token here"
+    temperature: float,
+) -> torch.Tensor:
+    """CTC of each sequence of embeddings against its token ids, every embedding classified
+    over the rows of `table` by cosine similarity / `temperature`: what a speech adapter is
+    trained with to put each spoken word's token where the word is said. Mean over the
+    sequences of the loss per target token, as the speech stage's CTC."""
+    unit = F.normalize(embeddings.float(), dim=-1)  # [M, L, D]
+    logits = unit @ F.normalize(table.float(), dim=-1).T / temperature  # [M, L, V]
+    flat = torch.tensor([t for ids in targets for t in ids], device=embeddings.device)
+    target_lengths = torch.tensor([len(ids) for ids in targets], device=embeddings.device)
+    return F.ctc_loss(
+        logits.log_softmax(dim=-1).transpose(0, 1),  # [L, M, V]: ctc_loss's layout
+        flat,
+        lengths,
+        target_lengths,
+        blank=blank,
+        reduction="mean",
+        zero_infinity=True,  # a clip too short for its transcript gives no gradient, not NaN
     )
