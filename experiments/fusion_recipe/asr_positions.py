@@ -2,12 +2,16 @@
 
     python asr_positions.py RUN/fusion ...                      # fused models' test answers
     python asr_positions.py --ctc SPEECH.ckpt [--encoder FUSION.ckpt]   # the CTC head instead
+    python asr_positions.py --adapter FUSION.ckpt               # the adapter's tokens (r19)
 
 For each run: WER, the error rate of the words by their place from the end of the reference
 (-1: the last word), and the share of all word errors that fall in the last two words.
 Words are aligned with difflib; an insertion counts against the reference word it precedes.
 `--ctc` transcribes the embedded corpus's test clips with a speech-stage checkpoint's CTC
-head, optionally over the speech encoder of a fusion checkpoint.
+head, optionally over the speech encoder of a fusion checkpoint. `--adapter` reads a fusion
+checkpoint's speech adapter as the auxiliary CTC loss trains it (model.speech_ctc_weight):
+each 80 ms embedding becomes the token whose decoder embedding is the most similar (cosine),
+repeats are merged and the <|speech|> blank dropped.
 """
 
 from __future__ import annotations
@@ -67,6 +71,29 @@ def ctc_pairs(speech_ckpt: str, encoder_ckpt: str | None) -> list[tuple[str, str
     return pairs
 
 
+def adapter_pairs(fusion_ckpt: str) -> list[tuple[str, str]]:
+    import torch
+    import torch.nn.functional as F
+
+    from herd.data.digits_tasks import speech_examples
+    from herd.data.speech import DIGITS_MANIFEST
+    from herd.systems.common import load_system
+
+    system = load_system(fusion_ckpt).eval()
+    model = system.model
+    table = F.normalize(model.decoder.embed_tokens.weight, dim=-1)  # [V, D]
+    pairs = []
+    with torch.no_grad():
+        for example in speech_examples(DIGITS_MANIFEST, "test", ("asr",)):
+            audio = example.audio[0]
+            speech, _ = model.encode_speech(audio[None, None], torch.tensor([[len(audio)]]))
+            best = (F.normalize(speech[0], dim=-1) @ table.T).argmax(dim=-1).tolist()  # [L]
+            merged = [t for i, t in enumerate(best) if i == 0 or t != best[i - 1]]
+            ids = [t for t in merged if t != model.speech_token_id]
+            pairs.append((example.answer, system.tokenizer.decode(ids).strip()))
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", type=Path, help="fusion run directories")
@@ -74,10 +101,13 @@ def main() -> None:
     parser.add_argument(
         "--encoder", help="with --ctc: the speech encoder of this fusion checkpoint"
     )
+    parser.add_argument("--adapter", help="a fusion checkpoint: score its adapter's tokens")
     args = parser.parse_args()
     sources = [(str(run), fused_pairs(run)) for run in args.runs]
     if args.ctc:
         sources.append((f"CTC {args.ctc} {args.encoder or ''}", ctc_pairs(args.ctc, args.encoder)))
+    if args.adapter:
+        sources.append((f"adapter {args.adapter}", adapter_pairs(args.adapter)))
     for name, pairs in sources:
         wer, rates, share = position_errors(pairs)
         by_place = "  ".join(f"{k}: {v:.2f}" for k, v in rates.items())
