@@ -452,3 +452,32 @@ def test_short_speech_run_learns_and_reloads(tmp_path):
     wave = torch.randn(1, 16_000)
     hidden, lengths = system.model.eval()(wave, torch.tensor([16_000]))
     assert hidden.shape == (1, 24, SMALL_ENCODER["dim"]) and lengths.tolist() == [24]
+
+
+def test_the_speech_stage_pads_training_clips_with_silence_only():
+    """data.silence_pad in the speech stage: each training clip gains up to that many seconds
+    of zeros on each side, drawn from the sample's place in the stream; val and test clips
+    stay as recorded, and a negative value is named."""
+    from herd.data.audio import SAMPLE_RATE
+    from herd.data.speech import SpeechDataModule
+
+    data = SpeechDataModule(silence_pad=0.25, speed_perturb=[], seed=3)
+    data.setup("fit")
+    train, clips = data.datasets["train"], data.clips["train"]
+    extra = [(len(train[i]["waveform"]) - len(clips[i].waveform)) / SAMPLE_RATE for i in range(40)]
+    assert 0 <= min(extra) and max(extra) <= 0.5 and len(set(extra)) > 30
+    assert torch.equal(train[5]["waveform"], data.datasets["train"][5]["waveform"])  # drawn again
+    for i in range(3):  # the clip itself, whole, with zeros on both sides
+        waveform, clip = train[i]["waveform"], clips[i].waveform
+        starts = [
+            k
+            for k in range(len(waveform) - len(clip) + 1)
+            if torch.equal(waveform[k : k + len(clip)], clip)
+        ]
+        assert len(starts) == 1, starts
+        k = starts[0]
+        assert not waveform[:k].any() and not waveform[k + len(clip) :].any()
+    for split in ("val", "test"):
+        assert torch.equal(data.datasets[split][0]["waveform"], data.clips[split][0].waveform)
+    with pytest.raises(ConfigError, match="silence_pad must be >= 0"):
+        SpeechDataModule(silence_pad=-0.1)

@@ -64,6 +64,19 @@ def speed_perturb(waveform: torch.Tensor, factor: float, sample_rate: int = SAMP
     return torchaudio.functional.resample(waveform, sample_rate, target)
 
 
+def augment_clip(
+    waveform: torch.Tensor, rng, speed_factors: tuple[float, ...] = (), silence_pad: float = 0.0
+) -> torch.Tensor:
+    """A training copy of `waveform` [samples]: played at a speed factor drawn from
+    `speed_factors` (none: as is), then with up to `silence_pad` seconds of silence drawn
+    before and after it; `rng` (random.Random) decides both."""
+    if speed_factors:
+        waveform = speed_perturb(waveform, rng.choice(speed_factors))
+    if silence_pad:
+        waveform = pad_silence(waveform, rng.uniform(0, silence_pad), rng.uniform(0, silence_pad))
+    return waveform
+
+
 class SpecAugment(nn.Module):
     """SpecAugment's frequency and time masking (Park et al., 2019) on log-mel features.
 

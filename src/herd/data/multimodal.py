@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from herd.data.audio import pad_silence, speed_perturb
+from herd.data.audio import augment_clip
 from herd.data.base import check_source
 from herd.data.chat import IGNORE_INDEX, Example, encode_example
 from herd.data.chat_manifest import read_chat_manifests
@@ -77,7 +77,8 @@ class ExampleDataset(Dataset):
         if ex.audio and (self.speed_factors or self.silence_pad):
             # drawn from (seed, the sample's place in the training stream): resumes exactly
             rng = sample_rng(self.seed, draw_key(i))
-            ex = replace(ex, audio=tuple(self._augment(a, rng) for a in ex.audio))
+            audio = (augment_clip(a, rng, self.speed_factors, self.silence_pad) for a in ex.audio)
+            ex = replace(ex, audio=tuple(audio))
         return {
             **encode_example(
                 ex, self.tokenizer, self.speech_tokens, ex.task in self.train_on_prompt
@@ -91,14 +92,6 @@ class ExampleDataset(Dataset):
             "speech_targets": [self.tokenizer.encode(t) for t in ex.transcripts],
         }
 
-    def _augment(self, clip: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        if self.speed_factors:
-            clip = speed_perturb(clip, rng.choice(self.speed_factors))
-        if self.silence_pad:
-            clip = pad_silence(
-                clip, rng.uniform(0, self.silence_pad), rng.uniform(0, self.silence_pad)
-            )
-        return clip
 
 
 def mix_examples(

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from herd.data.audio import SAMPLE_RATE, audio_duration, read_audio, speed_perturb
+from herd.data.audio import SAMPLE_RATE, audio_duration, augment_clip, read_audio
 from herd.data.base import HerdDataModule, check_source
 from herd.data.ctc_units import normalise_transcript
 from herd.data.manifest import read_jsonl_manifest
@@ -100,19 +100,21 @@ def split_of(clip: Clip, val_fraction: float, test_fraction: float) -> str:
 
 
 class ClipDataset(Dataset):
-    """Clips -> {"waveform", "text"}; training copies can be speed-perturbed, at a
-    factor drawn from (seed, the sample's place in the training stream): the same after a
-    resume and in any DataLoader worker."""
+    """Clips -> {"waveform", "text"}; training copies can be speed-perturbed and padded with
+    silence (herd.data.audio.augment_clip), drawn from (seed, the sample's place in the
+    training stream): the same after a resume and in any DataLoader worker."""
 
     def __init__(
         self,
         clips: list[Clip],
         speed_factors: tuple[float, ...] = (),
         seed: int = 0,
+        silence_pad: float = 0.0,
     ):
         self.clips = clips
         self.speed_factors = tuple(speed_factors)
         self.seed = seed
+        self.silence_pad = silence_pad
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -120,9 +122,9 @@ class ClipDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         clip = self.clips[i]
         waveform = clip.waveform
-        if self.speed_factors:
-            factor = sample_rng(self.seed, draw_key(i)).choice(self.speed_factors)
-            waveform = speed_perturb(waveform, factor)
+        if self.speed_factors or self.silence_pad:
+            rng = sample_rng(self.seed, draw_key(i))
+            waveform = augment_clip(waveform, rng, self.speed_factors, self.silence_pad)
         return {
             "waveform": waveform,
             "text": clip.text,
@@ -147,6 +149,9 @@ class SpeechDataModule(HerdDataModule):
         batch_size: clips per batch.
         max_seconds: longer clips are bad samples (error, or skipped with skip_bad_samples).
         speed_perturb: speed factors drawn per training clip (e.g. [0.9, 1.0, 1.1]); [] for none.
+        silence_pad: up to this many seconds of silence drawn before and after each training
+            clip (0: none): the embedded clips are cut close to the speech, and without it
+            0.3 s of silence around a test clip raised the CTC WER from 0.017 to 0.19-0.36.
         val_fraction, test_fraction: hash split for manifests without "split" fields.
     """
 
@@ -163,6 +168,7 @@ class SpeechDataModule(HerdDataModule):
         num_workers: int = 0,
         seed: int = 0,
         sample_rate: int = SAMPLE_RATE,
+        silence_pad: float = 0.0,
     ):
         super().__init__()
         if speed_perturb is not None and not isinstance(speed_perturb, list | tuple):
@@ -176,6 +182,8 @@ class SpeechDataModule(HerdDataModule):
             raise ConfigError(
                 f"data.speed_perturb factors must lie in [0.5, 2.0], got {speed_perturb}."
             )
+        if silence_pad < 0:
+            raise ConfigError(f"data.silence_pad must be >= 0 seconds, got {silence_pad}.")
         self.clips: dict[str, list[Clip]] = {}
 
     @property
@@ -201,8 +209,13 @@ class SpeechDataModule(HerdDataModule):
         if not self.clips["test"]:
             self.clips["test"] = self.clips["val"]
         for name, split_clips in self.clips.items():
-            factors = tuple(hp.speed_perturb) if name == "train" else ()
-            self.datasets[name] = ClipDataset(split_clips, factors, hp.seed)
+            train = name == "train"
+            self.datasets[name] = ClipDataset(
+                split_clips,
+                tuple(hp.speed_perturb) if train else (),
+                hp.seed,
+                hp.silence_pad if train else 0.0,
+            )
 
     def collate_fn(self):
         return collate_clips
