@@ -10,7 +10,6 @@ from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from herd.data.audio import augment_clip
