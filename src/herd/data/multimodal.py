@@ -92,7 +92,6 @@ class ExampleDataset(Dataset):
         }
 
 
-
 def mix_examples(
     by_task: dict[str, list[Example]], weights: dict[str, float], size: int, seed: int
 ) -> list[Example]:
