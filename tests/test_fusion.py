@@ -680,3 +680,5 @@ def test_speech_ctc_adds_a_weighted_loss_that_trains_the_adapter_not_the_token_t
     ctc.backward()
     assert system.model.speech_adapter.proj.weight.grad.abs().sum() > 0
     assert system.model.decoder.embed_tokens.weight.grad is None
+    with pytest.raises(ConfigError, match=r"speech_ctc_weight=-1.0 must be >= 0"):
+        instantiate(cfg.model, speech_ctc_weight=-1.0)

@@ -127,6 +127,11 @@ class FusionSystem(HerdSystem):
         )
         spec_augment = plain(spec_augment)
         finetune, optimizer, scheduler = plain(finetune), plain(optimizer), plain(scheduler)
+        if speech_ctc_weight < 0 or speech_ctc_temperature <= 0:
+            raise ConfigError(
+                f"model.speech_ctc_weight={speech_ctc_weight} must be >= 0 and "
+                f"model.speech_ctc_temperature={speech_ctc_temperature} > 0."
+            )
         self.save_hyperparameters()
 
         llama = language.get("llama") or {}  # the flavor when built fresh; context= either way
@@ -419,6 +424,12 @@ class FusionSystem(HerdSystem):
         if ctc is not None:
             self.log("train/speech_ctc", ctc, on_step=True, on_epoch=False)
             total = total + self.hparams.speech_ctc_weight * ctc
+        elif speech is not None and batch_idx == 0:  # said each epoch, never skipped silently
+            log.warning(
+                "model.speech_ctc_weight=%s but the clips carry no transcripts (the digits "
+                "corpus's do, chat manifests' do not): no CTC loss on them.",
+                self.hparams.speech_ctc_weight,
+            )
         return total
 
     def answer(self, batch: dict, b: int) -> str:
