@@ -51,47 +51,48 @@ def fused_pairs(run: Path) -> list[tuple[str, str]]:
     return [(r["reference"], r["prediction"]) for r in rows if r["task"] == "asr"]
 
 
-def ctc_pairs(speech_ckpt: str, encoder_ckpt: str | None) -> list[tuple[str, str]]:
+def test_pairs(transcribe) -> list[tuple[str, str]]:
+    """[(reference, transcribe(waveform [S]))] over the embedded corpus's test clips."""
     import torch
 
     from herd.data.digits_tasks import speech_examples
     from herd.data.speech import DIGITS_MANIFEST
+
+    with torch.no_grad():
+        examples = speech_examples(DIGITS_MANIFEST, "test", ("asr",))
+        return [(example.answer, transcribe(example.audio[0])) for example in examples]
+
+
+def ctc_pairs(speech_ckpt: str, encoder_ckpt: str | None) -> list[tuple[str, str]]:
+    import torch
+
     from herd.systems.common import load_system
 
     system = load_system(speech_ckpt).eval()
     if encoder_ckpt:
         fused = load_system(encoder_ckpt)
         system.model.load_state_dict(fused.model.speech_encoder.state_dict())
-    pairs = []
-    with torch.no_grad():
-        for example in speech_examples(DIGITS_MANIFEST, "test", ("asr",)):
-            audio = example.audio[0]
-            hypothesis = system.transcribe(audio[None], torch.tensor([len(audio)]))[0]
-            pairs.append((example.answer, hypothesis))
-    return pairs
+    return test_pairs(lambda audio: system.transcribe(audio[None], torch.tensor([len(audio)]))[0])
 
 
 def adapter_pairs(fusion_ckpt: str) -> list[tuple[str, str]]:
     import torch
     import torch.nn.functional as F
 
-    from herd.data.digits_tasks import speech_examples
-    from herd.data.speech import DIGITS_MANIFEST
     from herd.systems.common import load_system
+    from herd.systems.speech import ctc_greedy_decode
 
     system = load_system(fusion_ckpt).eval()
     model = system.model
     table = F.normalize(model.decoder.embed_tokens.weight, dim=-1)  # [V, D]
-    pairs = []
-    with torch.no_grad():
-        for example in speech_examples(DIGITS_MANIFEST, "test", ("asr",)):
-            audio = example.audio[0]
-            speech, _ = model.encode_speech(audio[None, None], torch.tensor([[len(audio)]]))
-            best = (F.normalize(speech[0], dim=-1) @ table.T).argmax(dim=-1).tolist()  # [L]
-            merged = [t for i, t in enumerate(best) if i == 0 or t != best[i - 1]]
-            ids = [t for t in merged if t != model.speech_token_id]
-            pairs.append((example.answer, system.tokenizer.decode(ids).strip()))
-    return pairs
+
+    def transcribe(audio: torch.Tensor) -> str:
+        speech, lengths = model.encode_speech(audio[None, None], torch.tensor([[len(audio)]]))
+        similarity = F.normalize(speech, dim=-1) @ table.T  # [1, L, V]: argmax as log-probs
+        ids = ctc_greedy_decode(similarity, lengths, blank_id=model.speech_token_id)[0]
+        return system.tokenizer.decode(ids).strip()
+
+    return test_pairs(transcribe)
 
 
 def main() -> None:
