@@ -295,6 +295,28 @@ def test_fusion_trains_under_ddp_with_two_cpu_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_fusion_trains_under_bf16_autocast_with_clipping_and_the_fused_optimizer(tmp_path):
+    """Lightning's own clipping (here by value) refuses an optimizer that unscales fp16
+    gradients itself (fused AdamW), under bf16 too; herd's optimizers take the ordinary path."""
+    import math
+
+    import torch
+
+    from herd.train import train
+
+    from .conftest import compose_cfg
+
+    overrides = [*TINY_FUSION, "precision=bf16_mixed", "trainer.max_steps=3", "test=false"]
+    overrides += ["+trainer.gradient_clip_algorithm=value"]
+    cfg = compose_cfg("train", overrides, tmp_path / "run")
+    assert cfg.trainer.gradient_clip_val > 0 and cfg.model.optimizer.fused
+    metrics = train(cfg)
+    last = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    assert math.isfinite(metrics["train/loss"])
+
+
+@pytest.mark.slow
 def test_short_real_fusion_run_learns_and_reopens(tmp_path):
     import json
     from pathlib import Path

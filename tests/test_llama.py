@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from herd.errors import ConfigError
 from herd.models.llama import (
+    CPU_BF16_ATTENTION_MAX_KEYS,
     FLAVORS,
     LLAMA31_SCALING,
     Attention,
@@ -25,6 +26,7 @@ from herd.models.llama import (
     rope_inverse_frequencies,
     sample_next_token,
 )
+from herd.models.llama import attention as herd_attention
 
 
 def tiny(**overrides) -> LlamaConfig:
@@ -246,6 +248,25 @@ def test_sdpa_matches_manual_attention_under_the_document_mask():
         -1
     ) @ v
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), manual)
+
+
+@pytest.mark.parametrize("keys", [64, CPU_BF16_ATTENTION_MAX_KEYS + 64])
+def test_bf16_attention_on_cpu_is_fp32_over_short_rows_and_bf16_out(keys):
+    """Under bf16 autocast (RoPE leaves q and k in fp32, v is bf16) the attention over short
+    rows is computed on fp32 copies, i.e. equals fp32 attention of the same values before the
+    one final rounding; over long rows it is torch's bf16 kernel. Both return bf16."""
+    q = torch.randn(2, 4, keys, 16)
+    k, v = torch.randn(2, 2, keys, 16), torch.randn(2, 2, keys, 16).bfloat16()
+    mask = document_causal_mask(torch.zeros(2, keys, dtype=torch.long))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = herd_attention(q, k, v, mask, enable_gqa=True)
+    assert out.dtype == torch.bfloat16
+    fp32 = F.scaled_dot_product_attention(q, k, v.float(), attn_mask=mask, enable_gqa=True)
+    if keys <= CPU_BF16_ATTENTION_MAX_KEYS:
+        torch.testing.assert_close(out, fp32.bfloat16(), atol=0, rtol=0)
+    else:  # bf16 inputs: close to fp32, not equal to its rounding
+        torch.testing.assert_close(out.float(), fp32, atol=0.05, rtol=0.05)
+        assert not torch.equal(out, fp32.bfloat16())
 
 
 def test_flex_attention_path_matches_the_sdpa_path():

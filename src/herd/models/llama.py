@@ -424,6 +424,43 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]  # [B, K, S, Hd]
 
 
+# torch's CPU attention kernel is slower in bf16 than in fp32 over short key rows, forward +
+# backward, head dims 32-128 (benchmarks/cpu_bf16_attention.py: 1.25-2x slower at 128 keys,
+# about even at 512, 1.3x faster from 1024).
+CPU_BF16_ATTENTION_MAX_KEYS = 384
+
+
+def attention(
+    q: torch.Tensor,  # [B, H, T, Hd]
+    k: torch.Tensor,  # [B, K, S, Hd]
+    v: torch.Tensor,  # [B, K, S, Hd]
+    mask: torch.Tensor | None = None,  # [B, 1, T, S] bool, True = may attend
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> torch.Tensor:  # [B, H, T, Hd]
+    """Scaled dot-product attention, in fp32 where that is the faster kernel: bf16 on CPU
+    (bf16 inputs, or bf16 autocast) over at most CPU_BF16_ATTENTION_MAX_KEYS keys, e.g. the
+    fusion stage's short samples, where fp32 copies of q, k, v are small. Returns bf16 then."""
+    cpu_bf16 = q.device.type == "cpu" and (
+        torch.bfloat16 in (q.dtype, k.dtype, v.dtype)
+        or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    )
+    if cpu_bf16 and k.shape[-2] <= CPU_BF16_ATTENTION_MAX_KEYS:
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(
+                q.float(),
+                k.float(),
+                v.float(),
+                attn_mask=mask,
+                is_causal=is_causal,
+                enable_gqa=enable_gqa,
+            )
+        return out.to(torch.bfloat16)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa
+    )
+
+
 class Attention(nn.Module):
     """Grouped-query attention: H query heads share K key/value heads (H % K == 0)."""
 
@@ -462,9 +499,7 @@ class Attention(nn.Module):
             flex = _compiled_flex_attention() if q.is_cuda else _eager_flex_attention()
             out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)  # [B, H, T, Hd]
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
-            )  # [B, H, T, Hd]
+            out = attention(q, k, v, mask, is_causal=mask is None, enable_gqa=gqa)  # [B, H, T, Hd]
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*Hd]
         return self.o_proj(out)  # [B, T, D]
 

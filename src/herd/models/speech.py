@@ -32,7 +32,7 @@ import torchaudio
 from torch import nn
 
 from herd.errors import ConfigError
-from herd.models.llama import RotaryFrequencies, apply_rope
+from herd.models.llama import RMSNorm, RotaryFrequencies, apply_rope, attention
 
 # ----------------------------------------------------------------------------- config
 
@@ -266,10 +266,10 @@ class RotaryEncoderLayer(nn.Module):
     def __init__(self, cfg: SpeechAdapterConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
-        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
@@ -283,7 +283,7 @@ class RotaryEncoderLayer(nn.Module):
         cos, sin = self.rope(positions)  # [B, T, Hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, Hd]
         mask = real[:, None, None, :]  # [B, 1, 1, T]: no query attends to a padded key
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, Hd]
+        h = attention(q, k, v, mask)  # [B, H, T, Hd]
         x = x + self.out(h.transpose(1, 2).reshape(B, T, D))
         h = self.ffn_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -300,7 +300,7 @@ class SpeechAdapter(nn.Module):
         self.config = cfg
         self.conv = nn.Conv1d(cfg.encoder_dim, cfg.dim, kernel_size=3, stride=2, padding=1)
         self.layer = RotaryEncoderLayer(cfg)
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.proj = nn.Linear(cfg.dim, cfg.lm_dim, bias=False)
 
     @staticmethod

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.errors import ConfigError
-from herd.models.llama import FeedForward, RMSNorm
+from herd.models.llama import FeedForward, RMSNorm, attention
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class PerceiverLayer(nn.Module):
         )
         # the latents are always keys, so every query has one: no all-masked row
         keys = torch.cat([key_mask, key_mask.new_ones(M, L)], dim=1)  # [M, S + L]
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+        h = attention(q, k, v, keys[:, None, None, :])  # [M, H, L, Hd]
         latents = latents + self.o_proj(h.transpose(1, 2).reshape(M, L, D))
         return latents + self.mlp(self.mlp_norm(latents))
 

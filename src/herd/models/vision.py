@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.errors import ConfigError
-from herd.models.llama import FeedForward, RMSNorm
+from herd.models.llama import FeedForward, RMSNorm, attention
 
 # ----------------------------------------------------------------------------- config
 
@@ -139,7 +139,7 @@ class GatedSelfAttentionBlock(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(self.attn_norm(x)).view(B, N, 3, self.n_heads, C // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, C/heads]
-        attn = F.scaled_dot_product_attention(q, k, v)  # image tokens see each other: no mask
+        attn = attention(q, k, v)  # image tokens see each other: no mask
         attn = attn.transpose(1, 2).reshape(B, N, C)
         x = x + self.attn_gate(self.out_proj(attn))
         return x + self.mlp_gate(self.mlp(self.mlp_norm(x)))
@@ -357,9 +357,7 @@ class GatedCrossAttention(nn.Module):
             # A row that sees nothing would be softmax over -inf (NaN); let it see everything
             # and zero its output below instead.
             mask = (allowed | ~sees_media)[:, None]  # [B, 1, T, N]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
-        )  # [B, H, T, Hd]
+        out = attention(q, k, v, mask, enable_gqa=self.n_heads != self.n_kv_heads)  # [B, H, T, Hd]
         attn = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if sees_media is not None and not self.blind_rows_attend_all:
             attn = attn * sees_media  # [B, T, D]

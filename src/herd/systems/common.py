@@ -61,6 +61,10 @@ def build_optimization(
     optimizer = hydra.utils.instantiate(optimizer_cfg)(groups)
     for group in optimizer.param_groups:  # scale after the optimizer has set each group's lr
         group["lr"] *= group.pop("lr_scale", 1.0)
+    # A fused optimizer offers to unscale fp16 gradients itself, and Lightning then refuses
+    # gradient clipping under any mixed precision, bf16 (which scales nothing) included. The
+    # ordinary path (the scaler unscales, then the step) is exact for it too.
+    optimizer._step_supports_amp_scaling = False
     if not scheduler_cfg:
         return {"optimizer": optimizer}
     if total_steps is None:

@@ -1,0 +1,51 @@
+"""Forward + backward time of torch's CPU attention kernel in fp32 and in bf16, by key count
+and head dimension: where bf16 is the slower one, herd.models.llama.attention computes in fp32
+(CPU_BF16_ATTENTION_MAX_KEYS). GQA (8 query heads, 2 KV heads), a boolean causal mask, and
+4096 query rows per call (batch x length), as in the digits recipe's stages.
+
+    .venv/bin/python benchmarks/cpu_bf16_attention.py   # ~2 minutes on 2 cores, alone
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def seconds(dtype: torch.dtype, keys: int, head_dim: int, batch: int) -> float:
+    q = torch.randn(batch, 8, keys, head_dim, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, 2, keys, head_dim, dtype=dtype, requires_grad=True)
+    v = torch.randn(batch, 2, keys, head_dim, dtype=dtype, requires_grad=True)
+    mask = torch.ones(keys, keys, dtype=torch.bool).tril().expand(batch, 1, keys, keys)
+
+    def step() -> None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out.sum().backward()
+
+    step()  # warm-up
+    repeats = max(3, 2**22 // (batch * keys * keys))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| head dim | keys | batch | fp32 ms | bf16 ms | bf16 / fp32 |")
+    print("|---|---|---|---|---|---|")
+    for head_dim in (32, 64, 128):
+        for keys in (128, 256, 384, 512, 1024, 2048):
+            batch = max(1, 4096 // keys)
+            fp32 = seconds(torch.float32, keys, head_dim, batch)
+            bf16 = seconds(torch.bfloat16, keys, head_dim, batch)
+            print(
+                f"| {head_dim} | {keys} | {batch} | {fp32 * 1e3:.1f} | {bf16 * 1e3:.1f} "
+                f"| {bf16 / fp32:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
