@@ -42,9 +42,9 @@ STAGES: dict[str, list[str]] = {
     # figure held or improved at two seeds); the speech encoder must go on training. The
     # first 1000 steps weigh pass keys 1.0 instead of 0.25: the copying is then learnt
     # (seventeenth and twentieth rounds; 800 sufficed in fp32, not in bf16 at seed 1), which
-    # the steady share never taught. The auxiliary
-    # CTC loss draws the speech adapter's embeddings onto the tokens spoken (nineteenth
-    # round: ASR WER 0.098 / 0.116 -> 0.048 / 0.036, every other figure held or better).
+    # the steady share never taught. The auxiliary CTC loss draws the speech adapter's
+    # embeddings onto the tokens spoken (nineteenth round: ASR WER 0.098 / 0.116 -> 0.048 /
+    # 0.036, every other figure held or better).
     "fusion": [
         "experiment=fusion_digits",
         "finetune.frozen=[image_encoder]",
