@@ -13,24 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from herd.report.plots import read_curves
 
 STAGES = ("language", "vision", "speech", "fusion")
 
 
-def scalars(run: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} over every event file of a run directory."""
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(run.glob("events.out.tfevents.*")):
-        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
-    return out
-
-
 def stage_table(run: Path, every: int) -> str:
-    tags = scalars(run)
+    tags = {tag: dict(points) for tag, points in read_curves(run, tags=None).items()}
     train_tags = [t for t in ("train/loss", "train/speech_ctc") if t in tags]
     val_tags = sorted(t for t in tags if t.startswith("val/"))
     last = max((s for t in train_tags + val_tags for s in tags[t]), default=0)

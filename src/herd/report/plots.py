@@ -14,8 +14,8 @@ BAR_PREFIXES = ("test/", "val/")
 
 
 def read_curves(job_dir: Path, tags=CURVE_TAGS) -> dict[str, list[tuple[int, float]]]:
-    """The job's TensorBoard scalars for `tags` as {tag: [(step, value)]}, from every
-    directory of the job holding event files (later files win on a repeated step)."""
+    """The job's TensorBoard scalars for `tags` (None: every tag) as {tag: [(step, value)]},
+    from every directory of the job holding event files (later files win on a repeated step)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     event_dirs = sorted({p.parent for p in job_dir.rglob("events.out.tfevents*")})
@@ -26,8 +26,9 @@ def read_curves(job_dir: Path, tags=CURVE_TAGS) -> dict[str, list[tuple[int, flo
             accumulator.Reload()
         except Exception:  # a truncated event file (killed job) must not stop the report
             continue
-        for tag in tags:
-            if tag in accumulator.Tags().get("scalars", []):
+        logged = accumulator.Tags().get("scalars", [])
+        for tag in logged if tags is None else tags:
+            if tag in logged:
                 for event in accumulator.Scalars(tag):
                     curves.setdefault(tag, {})[event.step] = event.value
     return {tag: sorted(points.items()) for tag, points in curves.items()}
