@@ -18,6 +18,7 @@ from herd.models.llama import (
     Llama,
     LlamaConfig,
     RopeScaling,
+    causal_attention,
     document_causal_mask,
     document_lengths,
     document_positions,
@@ -267,6 +268,24 @@ def test_bf16_attention_on_cpu_is_fp32_over_short_rows_and_bf16_out(keys):
     else:  # bf16 inputs: close to fp32, not equal to its rounding
         torch.testing.assert_close(out.float(), fp32, atol=0.05, rtol=0.05)
         assert not torch.equal(out, fp32.bfloat16())
+
+
+@pytest.mark.parametrize("length", [100, 512, 777])
+def test_causal_attention_in_query_blocks_is_exact(length):
+    """The CPU query-block split skips only keys the causal mask hides: values and gradients
+    equal one call over the whole square (one block below 256 tokens, 4 at 512, 6 at 777)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, length, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, length, 16, requires_grad=True) for _ in range(2))
+    doc_ids = torch.cumsum((torch.rand(2, length) < 0.02).long(), dim=1)
+    mask = document_causal_mask(doc_ids)
+    blocks = causal_attention(q, k, v, mask, enable_gqa=True)
+    grads = torch.autograd.grad(blocks.square().sum(), (q, k, v))
+    whole = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    whole_grads = torch.autograd.grad(whole.square().sum(), (q, k, v))
+    torch.testing.assert_close(blocks, whole, atol=1e-6, rtol=1e-5)
+    for got, expected in zip(grads, whole_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_flex_attention_path_matches_the_sdpa_path():
