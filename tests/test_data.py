@@ -369,6 +369,28 @@ def test_silence_pad_puts_silence_around_each_training_clip_and_counts_its_place
         FusionDataModule(silence_pad=-0.1)
 
 
+def test_repeated_word_copies_draw_clips_that_say_a_word_twice_more_often():
+    """data.repeated_word_copies: a training clip whose transcript says a word twice in a row
+    enters its speech tasks' pools that many times; validation and test keep each clip once."""
+    from herd.data.digits_tasks import says_a_word_twice
+    from herd.data.multimodal import FusionDataModule
+
+    assert says_a_word_twice("the pin is eight eight zero")
+    assert not says_a_word_twice("eight zero eight")
+    weights = {"asr": 1.0, "st": 1.0}
+    once = FusionDataModule(weights=weights)
+    thrice = FusionDataModule(weights=weights, repeated_word_copies=3)
+    for split in ("train", "val", "test"):
+        pools, copied = once._examples(split), thrice._examples(split)
+        for task in weights:
+            twice = sum(says_a_word_twice(ex.transcripts[0]) for ex in pools[task])
+            assert twice > 0
+            extra = 2 * twice if split == "train" else 0
+            assert len(copied[task]) == len(pools[task]) + extra
+    with pytest.raises(ConfigError, match="repeated_word_copies must be >= 1"):
+        FusionDataModule(repeated_word_copies=0)
+
+
 def test_passkey_answers_repeat_the_documents_key_tokens():
     """The answer's key is the same token run as the key in the prompt (the bundled BPE
     tokenizes a bare "12345" as "1234" "5" but " 12345" as " 1" "2" "34" "5"), so the answer

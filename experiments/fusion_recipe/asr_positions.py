@@ -5,7 +5,9 @@
     python asr_positions.py --adapter FUSION.ckpt               # the adapter's tokens (r19)
 
 For each run: WER, the error rate of the words by their place from the end of the reference
-(-1: the last word), and the share of all word errors that fall in the last two words.
+(-1: the last word), the share of all word errors that fall in the last two words, and the
+clips misread among those whose reference says a word twice in a row and among the others
+(twenty-second round).
 Words are aligned with difflib; an insertion counts against the reference word it precedes.
 `--ctc` transcribes the embedded corpus's test clips with a speech-stage checkpoint's CTC
 head, optionally over the speech encoder of a fusion checkpoint. `--adapter` reads a fusion
@@ -21,6 +23,8 @@ import difflib
 import json
 from collections import Counter
 from pathlib import Path
+
+from herd.data.digits_tasks import says_a_word_twice
 
 
 def position_errors(pairs: list[tuple[str, str]]) -> tuple[float, dict[int, float], float]:
@@ -44,6 +48,16 @@ def position_errors(pairs: list[tuple[str, str]]) -> tuple[float, dict[int, floa
     total = sum(words_at.values())
     rates = {k: wrong_at[k] / words_at[k] for k in sorted(words_at) if k >= -6}
     return errors / total, rates, last_two / max(1, errors)
+
+
+def clips_wrong_by_repeat(pairs: list[tuple[str, str]]) -> dict[bool, tuple[int, int]]:
+    """{says a word twice: (clips misread, clips)}: a copy that loses count shows here."""
+    counts = {True: [0, 0], False: [0, 0]}
+    for reference, hypothesis in pairs:
+        count = counts[says_a_word_twice(reference)]
+        count[0] += reference.split() != hypothesis.split()
+        count[1] += 1
+    return {k: (wrong, n) for k, (wrong, n) in counts.items()}
 
 
 def fused_pairs(run: Path) -> list[tuple[str, str]]:
@@ -112,8 +126,11 @@ def main() -> None:
     for name, pairs in sources:
         wer, rates, share = position_errors(pairs)
         by_place = "  ".join(f"{k}: {v:.2f}" for k, v in rates.items())
+        (rep_wrong, rep_n), (other_wrong, other_n) = clips_wrong_by_repeat(pairs).values()
         print(
-            f"{name}: {len(pairs)} clips, WER {wer:.3f}; by place {by_place}; last two {share:.2f}"
+            f"{name}: {len(pairs)} clips, WER {wer:.3f}; by place {by_place}; last two "
+            f"{share:.2f}; clips misread: {rep_wrong}/{rep_n} that say a word twice in a row, "
+            f"{other_wrong}/{other_n} others"
         )
 
 

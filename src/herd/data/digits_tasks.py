@@ -117,6 +117,13 @@ def video_examples(
     return out
 
 
+def says_a_word_twice(transcript: str) -> bool:
+    """Whether a transcript says some word twice in a row ("the pin is eight eight zero"):
+    the clips the fused model misreads most (experiments/fusion_recipe, twenty-second round)."""
+    words = transcript.split()
+    return any(a == b for a, b in zip(words, words[1:], strict=False))
+
+
 def speech_examples(manifest: Path, split: str, tasks: tuple[str, ...]) -> list[Example]:
     """Spoken phrases of the corpus (split by voice) -> transcript (asr) and German (st)."""
     out = []

@@ -24,6 +24,7 @@ from herd.data.digits_tasks import (
     VIDEO_TASKS,
     image_examples,
     passkey_examples,
+    says_a_word_twice,
     speech_examples,
     translation_examples,
     video_examples,
@@ -131,7 +132,9 @@ class FusionDataModule(ChatDataModule):
     examples are also trained on their prompts' text (e.g. a manifest's documents; for
     the passkey task it slowed learning, experiments/fusion_recipe). `loss_weights`
     multiplies a task's answer tokens in the training loss (tasks not named: 1), a larger
-    say for a task without spending steps on it."""
+    say for a task without spending steps on it. `repeated_word_copies` puts each training
+    clip whose transcript says a word twice in a row (e.g. "four four") that many times in
+    its speech tasks' pools, so the mixture draws them more often (1: as recorded)."""
 
     def __init__(
         self,
@@ -160,6 +163,7 @@ class FusionDataModule(ChatDataModule):
         lead_in_steps: int = 0,
         train_on_prompt: list[str] | None = None,
         loss_weights: dict | None = None,
+        repeated_word_copies: int = 1,
     ):
         super().__init__()
         speed_perturb = [float(f) for f in plain(speed_perturb) or []]
@@ -169,6 +173,11 @@ class FusionDataModule(ChatDataModule):
         self.save_hyperparameters()
         if silence_pad < 0:
             raise ConfigError(f"data.silence_pad must be >= 0 seconds, got {silence_pad}.")
+        if repeated_word_copies < 1:
+            raise ConfigError(
+                f"data.repeated_word_copies must be >= 1 (1: each clip once), got "
+                f"{repeated_word_copies}."
+            )
         negative = {t: w for t, w in loss_weights.items() if w < 0}
         if negative:
             raise ConfigError(f"data.loss_weights {negative} must be >= 0.")
@@ -302,8 +311,14 @@ class FusionDataModule(ChatDataModule):
         if spoken:
             manifest = Path(hp.speech_manifest) if hp.speech_manifest else DIGITS_MANIFEST
             examples = speech_examples(manifest, split, spoken)
+            copies = hp.repeated_word_copies if split == "train" else 1
             for t in spoken:
-                out[t] = [ex for ex in examples if ex.task == t]
+                out[t] = [
+                    ex
+                    for ex in examples
+                    if ex.task == t
+                    for _ in range(copies if says_a_word_twice(ex.transcripts[0]) else 1)
+                ]
         if "mt" in tasks:
             out["mt"] = translation_examples(hp.translation_phrases, hp.seed, split)
         if "passkey" in tasks:
