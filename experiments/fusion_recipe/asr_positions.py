@@ -50,14 +50,14 @@ def position_errors(pairs: list[tuple[str, str]]) -> tuple[float, dict[int, floa
     return errors / total, rates, last_two / max(1, errors)
 
 
-def clips_wrong_by_repeat(pairs: list[tuple[str, str]]) -> dict[bool, tuple[int, int]]:
-    """{says a word twice: (clips misread, clips)}: a copy that loses count shows here."""
-    counts = {True: [0, 0], False: [0, 0]}
-    for reference, hypothesis in pairs:
-        count = counts[says_a_word_twice(reference)]
-        count[0] += reference.split() != hypothesis.split()
-        count[1] += 1
-    return {k: (wrong, n) for k, (wrong, n) in counts.items()}
+def clips_wrong_by_repeat(pairs: list[tuple[str, str]]) -> list[tuple[int, int]]:
+    """[(clips misread, clips)] among those that say a word twice in a row, then the others:
+    a copy that loses count shows in the first."""
+    groups = (
+        [p for p in pairs if says_a_word_twice(p[0])],
+        [p for p in pairs if not says_a_word_twice(p[0])],
+    )
+    return [(sum(r.split() != h.split() for r, h in group), len(group)) for group in groups]
 
 
 def fused_pairs(run: Path) -> list[tuple[str, str]]:
@@ -126,7 +126,7 @@ def main() -> None:
     for name, pairs in sources:
         wer, rates, share = position_errors(pairs)
         by_place = "  ".join(f"{k}: {v:.2f}" for k, v in rates.items())
-        (rep_wrong, rep_n), (other_wrong, other_n) = clips_wrong_by_repeat(pairs).values()
+        (rep_wrong, rep_n), (other_wrong, other_n) = clips_wrong_by_repeat(pairs)
         print(
             f"{name}: {len(pairs)} clips, WER {wer:.3f}; by place {by_place}; last two "
             f"{share:.2f}; clips misread: {rep_wrong}/{rep_n} that say a word twice in a row, "
