@@ -707,3 +707,55 @@ def test_speech_ctc_adds_a_weighted_loss_that_trains_the_adapter_not_the_token_t
         instantiate(cfg.model, speech_ctc_weight=-1.0)
     assert isinstance(refused.value.__cause__, ConfigError)
     assert "speech_ctc_weight=-1.0 must be >= 0" in str(refused.value.__cause__)
+
+
+def test_merge_along_ctc_gives_one_embedding_per_word_said_and_repeats_stay_apart():
+    """Frames read (by cosine to the token table) eight eight _ eight zero zero _ | pad:
+    three words, the repeated one twice since a blank parts it; each word is the mean of
+    its frames, the clip's other real positions hold the blank's embedding, padding 0."""
+    from herd.models.fusion import merge_along_ctc
+
+    table = 3 * torch.eye(4)  # rows: 0 the blank, 1 "eight", 2 "zero", 3 unused
+    blank, eight, zero = table[0], table[1], table[2]
+    frames = torch.stack([2 * eight, eight, blank, eight, zero, zero, blank, torch.zeros(4)])
+    frames = frames[None].clone().requires_grad_()  # [1, 8, 4]
+    merged = merge_along_ctc(frames, torch.tensor([7]), table, blank=0)
+    assert merged.shape == frames.shape
+    assert torch.equal(merged[0, :3], torch.stack([1.5 * eight, eight, zero]))
+    assert torch.equal(merged[0, 3:7], blank.expand(4, 4))
+    assert torch.equal(merged[0, 7], torch.zeros(4))
+    merged.sum().backward()  # each word's frames share its gradient; blanks get none
+    assert frames.grad[0, :, 0].tolist() == [0.5, 0.5, 0.0, 1.0, 0.5, 0.5, 0.0, 0.0]
+
+
+def test_fusion_merge_by_ctc_splices_the_merged_words_and_needs_the_ctc_loss(tmp_path):
+    """model.speech.adapter.merge_by_ctc=true: the decoder's input at a clip's placeholders
+    is merge_along_ctc of the adapter's embeddings; without the auxiliary CTC loss that
+    trains the path it reads, the model is refused with the setting to change."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from herd.models.fusion import merge_along_ctc
+
+    from .conftest import compose_cfg
+
+    overrides = [*TINY_FUSION, "data.weights={image: 0, asr: 1, st: 0, mt: 0, passkey: 0}"]
+    overrides += ["data.train_size=4", "model.speech.adapter.merge_by_ctc=true"]
+    cfg = compose_cfg("train", [*overrides, "model.speech_ctc_weight=0.5"], tmp_path / "run")
+    system = instantiate(cfg.model).eval()
+    data = instantiate(cfg.data)
+    data.setup_for(system.input_spec())
+    data.setup("fit")
+    batch = collate([data.datasets["train"][i] for i in range(4)], 0)
+    model = system.model
+    with torch.no_grad():
+        speech, lengths = model.encode_speech(batch["audio"], batch["audio_lengths"])
+        embeds = model.embed(batch["input_ids"], batch["audio"], batch["audio_lengths"])
+        merged = merge_along_ctc(
+            speech, lengths, model.decoder.embed_tokens.weight, model.speech_token_id
+        )
+    real = torch.arange(speech.shape[1])[None] < lengths[:, None]
+    assert torch.equal(embeds[batch["input_ids"] == model.speech_token_id], merged[real])
+    with pytest.raises(InstantiationException) as refused:
+        instantiate(cfg.model, speech_ctc_weight=0.0)
+    assert "set model.speech_ctc_weight > 0" in str(refused.value.__cause__)

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from herd.errors import ConfigError
@@ -165,6 +166,9 @@ class FusionModel(nn.Module):
         if audio is None or not placeholders.any():
             return embeds
         speech, lengths = speech or self.encode_speech(audio, audio_lengths)  # [M, L, D], [M]
+        if self.speech_adapter.config.merge_by_ctc:
+            table = self.decoder.embed_tokens.weight  # [V, D]
+            speech = merge_along_ctc(speech, lengths, table, self.speech_token_id)
         # clips are in (sample, clip) order, as are the placeholder runs: row-major on both
         real_clip = audio_lengths > 0  # [B, K]
         per_sample = torch.zeros_like(audio_lengths)  # [B, K]
@@ -370,6 +374,40 @@ class FusionModel(nn.Module):
         finally:
             decoder.clear_cache()
         return out
+
+
+def merge_along_ctc(
+    speech: torch.Tensor,  # [M, L, D] the adapter's embeddings, one per 80 ms
+    lengths: torch.Tensor,  # [M] real embeddings of each clip
+    table: torch.Tensor,  # [V, D] the decoder's input embeddings
+    blank: int,  # the <|speech|> placeholder's row: "no new word here"
+) -> torch.Tensor:  # [M, L, D]
+    """One embedding per word the clip says: the frames' greedy CTC path (each frame's
+    nearest row of `table` by cosine, as FusionSystem's auxiliary CTC loss classifies them)
+    cut into runs of one token, each run's frames averaged. A word said twice in a row is
+    two runs, since CTC needs a blank between them, so the decoder copies words one by one
+    instead of counting frames (fusion_recipe, twenty-third round). Clip m's K runs fill its
+    first K positions and table[blank] its other real ones; padding stays 0."""
+    m, length, _ = speech.shape
+    with torch.no_grad():
+        unit = F.normalize(speech.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T
+        path = unit.argmax(dim=-1)  # [M, L]
+        real = torch.arange(length, device=speech.device)[None] < lengths[:, None]  # [M, L]
+        path = path.masked_fill(~real, blank)
+        before = F.pad(path, (1, 0), value=blank)[:, :-1]  # [M, L]: the previous frame's
+        in_word = path != blank  # [M, L]
+        starts = in_word & (path != before)  # [M, L]: a frame that begins a run
+        word = starts.cumsum(dim=1) - 1  # [M, L]: its run's index within the clip
+        words = starts.sum(dim=1)  # [M]
+    rows = (torch.arange(m, device=speech.device)[:, None] * length + word)[in_word]  # [N]
+    sums = speech.new_zeros(m * length, speech.shape[-1]).index_add(0, rows, speech[in_word])
+    counts = torch.zeros(m * length, device=speech.device).index_add(
+        0, rows, torch.ones(rows.shape[0], device=speech.device)
+    )
+    merged = (sums / counts.clamp(min=1)[:, None].to(sums.dtype)).view_as(speech)  # [M, L, D]
+    slot = torch.arange(length, device=speech.device)[None]  # [1, L]
+    filler = (slot >= words[:, None]) & real  # [M, L]
+    return torch.where(filler[..., None], table[blank].to(speech.dtype), merged)
 
 
 def placeholder_spans(

@@ -105,6 +105,10 @@ class SpeechAdapterConfig:
     ffn_dim: int = 1024
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
+    # The fusion model's reading of the adapter's output (herd.models.fusion.merge_along_ctc):
+    # False, one embedding per 80 ms; True, one per word the adapter's CTC path says, each
+    # the mean of its frames, first in the clip's placeholders (the rest hold the blank).
+    merge_by_ctc: bool = False
 
     def __post_init__(self) -> None:
         for name in ("encoder_dim", "lm_dim", "dim", "n_heads", "ffn_dim"):

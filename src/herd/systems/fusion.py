@@ -239,6 +239,12 @@ class FusionSystem(HerdSystem):
                 f"{tokenizer_spec}); train the language stage with a tokenizer that has it "
                 "(herd_bpe does since 2026-12-06)."
             )
+        if ((speech or {}).get("adapter") or {}).get("merge_by_ctc") and not speech_ctc_weight:
+            raise ConfigError(
+                "model.speech.adapter.merge_by_ctc=true reads the adapter's CTC path, which "
+                "only the auxiliary loss trains; set model.speech_ctc_weight > 0 (the recipe "
+                "uses 0.5)."
+            )
         self.model = build_fusion_model(
             decoder,
             image_token_id=special[IMAGE],
