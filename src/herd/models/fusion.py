@@ -385,9 +385,9 @@ def merge_along_ctc(
     """One embedding per word the clip says: the frames' greedy CTC path (each frame's
     nearest row of `table` by cosine, as FusionSystem's auxiliary CTC loss classifies them)
     cut into runs of one token, each run's frames averaged. A word said twice in a row is
-    two runs, since CTC needs a blank between them, so the decoder copies words one by one
-    instead of counting frames (fusion_recipe, twenty-third round). Clip m's K runs fill its
-    first K positions and table[blank] its other real ones; padding stays 0."""
+    two runs, since CTC needs a blank between them. Clip m's K runs fill its first K
+    positions and table[blank] its other real ones; padding stays 0. Meant to spare the
+    decoder counting frames, it read worse on the digits (fusion_recipe, twenty-third round)."""
     m, length, _ = speech.shape
     with torch.no_grad():
         unit = F.normalize(speech.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T
