@@ -72,13 +72,13 @@ def test_seed_reaches_every_stage_and_a_stage_override_wins(tmp_path, monkeypatc
         assert seeds[-1] == ("seed=3" if stage == "vision" else "seed=7"), (stage, seeds)
 
 
-def test_every_stage_composes_and_the_fusion_stage_keeps_the_image_encoder(tmp_path):
+def test_every_stage_composes_and_the_fusion_stage_keeps_both_encoders(tmp_path):
     from .conftest import compose_cfg
 
     for stage, args in recipe.STAGES.items():
         cfg = compose_cfg("train", args, tmp_path / stage)
         assert cfg.model._target_.endswith(f"{stage.capitalize()}System"), stage
-    assert list(cfg.finetune.frozen) == ["image_encoder"]  # fusion, the last stage
+    assert list(cfg.finetune.frozen) == ["image_encoder", "speech_encoder"]  # fusion, the last
     # a stage override still wins
     cfg = compose_cfg("train", [*recipe.STAGES["fusion"], "finetune.frozen=[]"], tmp_path / "f")
     assert list(cfg.finetune.frozen) == []
