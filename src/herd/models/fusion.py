@@ -401,9 +401,7 @@ def merge_along_ctc(
         words = starts.sum(dim=1)  # [M]
     rows = (torch.arange(m, device=speech.device)[:, None] * length + word)[in_word]  # [N]
     sums = speech.new_zeros(m * length, speech.shape[-1]).index_add(0, rows, speech[in_word])
-    counts = torch.zeros(m * length, device=speech.device).index_add(
-        0, rows, torch.ones(rows.shape[0], device=speech.device)
-    )
+    counts = torch.bincount(rows, minlength=m * length)  # [M * L]: frames in each run
     merged = (sums / counts.clamp(min=1)[:, None].to(sums.dtype)).view_as(speech)  # [M, L, D]
     slot = torch.arange(length, device=speech.device)[None]  # [1, L]
     filler = (slot >= words[:, None]) & real  # [M, L]
